@@ -1,0 +1,433 @@
+#!/usr/bin/env bash
+# Single-node development SLURM cluster (with accounting) for tldist tests.
+#
+#   slurm/dev-cluster.sh start   [STATE_DIR]   install if needed, start, wait until idle
+#   slurm/dev-cluster.sh stop    [STATE_DIR]   stop daemons (idempotent)
+#   slurm/dev-cluster.sh restart [STATE_DIR]   stop + start
+#   slurm/dev-cluster.sh status  [STATE_DIR]   sinfo/squeue; exit 0 iff the cluster answers
+#   slurm/dev-cluster.sh env     [STATE_DIR]   print the export line only
+#
+# STATE_DIR defaults to $TLDIST_SLURM_STATE_DIR or /tmp/tldist-slurm.
+# After `start`, run the printed `export SLURM_CONF=...` (or: eval "$(slurm/dev-cluster.sh env)").
+#
+# Everything lives under STATE_DIR: slurm.conf, slurmdbd.conf, munge key/socket, a private
+# MariaDB (127.0.0.1, own port/datadir), spool/state dirs, logs and pid files.  No systemd, no
+# cgroups.  Needs root (re-execs itself with `sudo -n` when possible).
+#
+# Environment knobs:
+#   TLDIST_SLURM_CPUS=8            CPUs advertised for the node (config_overrides)
+#   TLDIST_SLURM_PORT_BASE=N       first of 4 TCP ports (ctld, slurmd, dbd, mariadb)
+#   TLDIST_SLURM_START_TIMEOUT=60  seconds to wait for each readiness check
+#   TLDIST_SLURM_FRESH=1           on start, also wipe the accounting database
+#
+# Exit codes: 0 ok, 1 failure, 2 usage, 3 cannot get root (the test fixture skips on 3).
+set -euo pipefail
+
+PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+CLUSTER=tldist
+PARTITION=debug
+CMD=${1:-}
+STATE=${2:-${TLDIST_SLURM_STATE_DIR:-/tmp/tldist-slurm}}
+CPUS=${TLDIST_SLURM_CPUS:-8}
+TIMEOUT=${TLDIST_SLURM_START_TIMEOUT:-60}
+
+log() { printf '[dev-cluster] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+case "$CMD" in
+  start|stop|restart|status|env) ;;
+  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
+
+# ---------------------------------------------------------------- privileges
+if [[ $EUID -ne 0 ]]; then
+  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    exec sudo -n --preserve-env=TLDIST_SLURM_CPUS,TLDIST_SLURM_PORT_BASE,TLDIST_SLURM_START_TIMEOUT,TLDIST_SLURM_FRESH \
+      bash "$0" "$CMD" "$STATE"
+  fi
+  if [[ $CMD == status || $CMD == env ]] && [[ -f $STATE/slurm.conf ]]; then
+    :  # read-only commands work without root
+  else
+    log "needs root (or passwordless sudo) to install/run SLURM daemons; uid=$EUID"
+    exit 3
+  fi
+fi
+
+mkdir -p "$STATE" 2>/dev/null || true
+STATE=$(cd "$STATE" && pwd -P)
+CONF=$STATE/slurm.conf
+DBDCONF=$STATE/slurmdbd.conf
+MUNGE_SOCK=$STATE/munge/munge.socket
+DB_SOCK=$STATE/mysql/mysqld.sock
+export SLURM_CONF=$CONF
+
+# daemon name -> pid file
+pidfile() { echo "$STATE/run/$1.pid"; }
+DAEMONS_STOP_ORDER=(slurmd slurmctld slurmdbd mariadbd munged)
+
+# ---------------------------------------------------------------- process helpers
+# Is PID alive (not gone, not a zombie), with the expected comm, and does it belong to this
+# STATE dir (cmdline or environment mentions it)?  Trap: killed daemons linger as zombies and
+# pid files can be stale / pids recycled.
+pid_is_ours() {
+  local pid=$1 name=$2 st comm
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  st=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+  # field 3 (state) follows the ")" that closes comm
+  st=${st##*) }; st=${st%% *}
+  [[ $st == Z || $st == X ]] && return 1
+  comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+  [[ $comm == "$name" ]] || return 1
+  if tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$STATE"; then return 0; fi
+  if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qF "$STATE"; then return 0; fi
+  return 1
+}
+
+daemon_pid() {  # prints the pid if the daemon is running and ours
+  local f pid
+  f=$(pidfile "$1")
+  [[ -s $f ]] || return 1
+  pid=$(tr -dc '0-9' <"$f")
+  pid_is_ours "$pid" "$1" || return 1
+  echo "$pid"
+}
+
+stop_daemon() {
+  local name=$1 pid i
+  if ! pid=$(daemon_pid "$name"); then rm -f "$(pidfile "$name")"; return 0; fi
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do
+    pid_is_ours "$pid" "$name" || break
+    sleep 0.1
+  done
+  if pid_is_ours "$pid" "$name"; then
+    log "$name ($pid) ignored SIGTERM for 10 s; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    sleep 0.3
+  fi
+  rm -f "$(pidfile "$name")"
+}
+
+# Spawn a non-daemonizing program in its own session, stdio detached, pid recorded.
+spawn() {
+  local name=$1; shift
+  setsid "$@" </dev/null >>"$STATE/log/$name.out" 2>&1 &
+  echo $! >"$(pidfile "$name")"
+}
+
+dump_logs() {
+  local f
+  for f in "$STATE"/log/*; do
+    [[ -f $f ]] || continue
+    printf -- '----- tail %s -----\n' "$f" >&2
+    tail -n 25 "$f" >&2 || true
+  done
+}
+
+wait_for() {  # wait_for DESCRIPTION COMMAND...
+  local what=$1; shift
+  local deadline=$((SECONDS + TIMEOUT))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      log "timed out after ${TIMEOUT}s waiting for: $what"
+      dump_logs
+      die "cluster did not come up ($what); state dir: $STATE"
+    fi
+    sleep 0.2
+  done
+}
+
+# ---------------------------------------------------------------- install
+installed() {
+  local p
+  for p in "${PKGS[@]}"; do
+    [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || return 1
+  done
+}
+
+install_packages() {
+  installed && return 0
+  command -v apt-get >/dev/null || die "packages missing (${PKGS[*]}) and no apt-get"
+  log "installing ${PKGS[*]} ..."
+  local t0=$SECONDS policy=/usr/sbin/policy-rc.d own_policy=0
+  # Keep package maintainer scripts from starting system-wide munge/mariadb/slurm services.
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"; own_policy=1
+  fi
+  # shellcheck disable=SC2064
+  trap "[[ $own_policy == 1 ]] && rm -f $policy" EXIT
+  export DEBIAN_FRONTEND=noninteractive
+  local apt_opts=(-y -q --no-install-recommends -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+  if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null \
+     || ! apt-get install "${apt_opts[@]}" "${PKGS[@]}" >"$STATE/log/apt.log" 2>&1; then
+    apt-get update -q >>"$STATE/log/apt.log" 2>&1 || { tail -n 30 "$STATE/log/apt.log" >&2; die "apt-get update failed"; }
+    apt-get install "${apt_opts[@]}" "${PKGS[@]}" >>"$STATE/log/apt.log" 2>&1 \
+      || { tail -n 30 "$STATE/log/apt.log" >&2; die "apt-get install failed (log: $STATE/log/apt.log)"; }
+  fi
+  [[ $own_policy == 1 ]] && rm -f "$policy"
+  trap - EXIT
+  log "installed in $((SECONDS - t0)) s"
+}
+
+# ---------------------------------------------------------------- config
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+choose_ports() {
+  local base i p busy
+  if [[ -n ${TLDIST_SLURM_PORT_BASE:-} ]]; then
+    base=$TLDIST_SLURM_PORT_BASE
+  else  # stable per state dir, in 10000-19999 (below the job MASTER_PORT range 20000-39999)
+    base=$((10000 + ($(printf '%s' "$STATE" | cksum | cut -d' ' -f1) % 1990) * 5))
+  fi
+  for ((i = 0; i < 50; i++)); do
+    busy=0
+    for p in $base $((base + 1)) $((base + 2)) $((base + 3)); do port_busy "$p" && busy=1; done
+    ((busy == 0)) && break
+    base=$((base + 5)); ((base > 19990)) && base=10000
+  done
+  ((busy == 0)) || die "no free port block found"
+  CTLD_PORT=$base SLURMD_PORT=$((base + 1)) DBD_PORT=$((base + 2)) DB_PORT=$((base + 3))
+}
+
+next_first_job_id() {
+  # Fresh job-id block per cold start (trap: ids restarting at 1 reuse stale submitit folders).
+  # Blocks of 10000 ids; MaxJobId defaults to 67043328.
+  local f=$STATE/jobid-block blk
+  if [[ -s $f ]]; then blk=$(( $(tr -dc '0-9' <"$f") + 1 ))
+  else blk=$(( ($(date +%s) / 60) % 6000 + 1 )); fi
+  ((blk >= 6700)) && blk=1
+  echo "$blk" >"$f"
+  echo $((blk * 10000 + 1))
+}
+
+node_name() {
+  local h
+  h=$(hostname -s 2>/dev/null || hostname)
+  if [[ -n $h ]] && getent hosts "$h" >/dev/null 2>&1; then echo "$h"; else echo localhost; fi
+}
+
+write_configs() {
+  local node mem first
+  node=$(node_name)
+  mem=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -n1)
+  [[ -n $mem ]] || mem=1000
+  first=$(next_first_job_id)
+  cat >"$CONF" <<EOF
+# generated by slurm/dev-cluster.sh -- single-node dev cluster, state in $STATE
+ClusterName=$CLUSTER
+SlurmctldHost=$node(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCK,cred_expire=10
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/slurmd
+SlurmctldPidFile=$(pidfile slurmctld)
+SlurmdPidFile=$(pidfile slurmd)
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+ReturnToService=2
+MailProg=/bin/true
+FirstJobId=$first
+JobRequeue=1
+KillWait=5
+MinJobAge=300
+InactiveLimit=0
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+AccountingStoragePass=$MUNGE_SOCK
+JobCompType=jobcomp/none
+NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node CPUs=$CPUS RealMemory=$mem State=UNKNOWN
+PartitionName=$PARTITION Nodes=$node Default=YES MaxTime=7-00:00:00 State=UP PriorityTier=1 GraceTime=30
+# jobs here preempt (requeue) jobs in $PARTITION when the node is full
+PartitionName=urgent Nodes=$node Default=NO MaxTime=7-00:00:00 State=UP PriorityTier=10 PreemptMode=OFF
+EOF
+  cat >"$DBDCONF" <<EOF
+# generated by slurm/dev-cluster.sh
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCK
+DbdAddr=127.0.0.1
+DbdHost=localhost
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$(pidfile slurmdbd)
+LogFile=$STATE/log/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+  chmod 600 "$DBDCONF"
+  chmod 644 "$CONF"
+  cat >"$STATE/ports.env" <<EOF
+CTLD_PORT=$CTLD_PORT
+SLURMD_PORT=$SLURMD_PORT
+DBD_PORT=$DBD_PORT
+DB_PORT=$DB_PORT
+EOF
+}
+
+# ---------------------------------------------------------------- daemons
+start_munge() {
+  mkdir -p "$STATE/munge"; chmod 755 "$STATE/munge"
+  if [[ ! -s $STATE/munge/munge.key ]]; then
+    dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1024 count=1 status=none
+  fi
+  chmod 400 "$STATE/munge/munge.key"
+  rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
+  munged --force --socket="$MUNGE_SOCK" --key-file="$STATE/munge/munge.key" \
+    --pid-file="$(pidfile munged)" --log-file="$STATE/log/munged.log" \
+    --seed-file="$STATE/munge/munge.seed" </dev/null >>"$STATE/log/munged.out" 2>&1 \
+    || { dump_logs; die "munged failed to start"; }
+  wait_for "munge socket" bash -c "munge -n -S '$MUNGE_SOCK' | unmunge -S '$MUNGE_SOCK'"
+}
+
+start_mariadb() {
+  local dd=$STATE/mysql/data
+  mkdir -p "$STATE/mysql"
+  if [[ ! -d $dd/mysql ]]; then
+    rm -rf "$dd"
+    mariadb-install-db --no-defaults --user=root --datadir="$dd" --skip-test-db \
+      --auth-root-authentication-method=socket >"$STATE/log/mariadb-install.log" 2>&1 \
+      || { tail -n 30 "$STATE/log/mariadb-install.log" >&2; die "mariadb-install-db failed"; }
+  fi
+  spawn mariadbd mariadbd --no-defaults --user=root --datadir="$dd" \
+    --bind-address=127.0.0.1 --port="$DB_PORT" --socket="$DB_SOCK" --skip-name-resolve \
+    --pid-file="$STATE/mysql/mariadbd.pid" --log-error="$STATE/log/mariadbd.log" \
+    --innodb-buffer-pool-size=32M --innodb-log-file-size=16M --max-connections=50 \
+    --performance-schema=OFF
+  wait_for "mariadb" mariadb-admin --no-defaults -S "$DB_SOCK" -uroot ping
+  mariadb --no-defaults -S "$DB_SOCK" -uroot <<EOF || die "could not create the slurm DB user"
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+GRANT ALL PRIVILEGES ON *.* TO 'slurm'@'127.0.0.1';
+FLUSH PRIVILEGES;
+EOF
+}
+
+cluster_registered() { sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; }
+
+start_slurm() {
+  mkdir -p "$STATE/ctld" "$STATE/slurmd"
+  # slurmdbd daemonizes itself and finds slurmdbd.conf next to $SLURM_CONF
+  slurmdbd </dev/null >>"$STATE/log/slurmdbd.out" 2>&1 || { dump_logs; die "slurmdbd failed to start"; }
+  wait_for "slurmdbd (sacctmgr)" sacctmgr -n list cluster
+  cluster_registered || sacctmgr -i add cluster "$CLUSTER" >/dev/null \
+    || die "sacctmgr add cluster failed"
+  # -c: cold start (ignore saved job state); -i: ignore errors in old state files
+  slurmctld -c -i -f "$CONF" </dev/null >>"$STATE/log/slurmctld.out" 2>&1 \
+    || { dump_logs; die "slurmctld failed to start"; }
+  wait_for "slurmctld (scontrol ping)" bash -c "scontrol ping | grep -q UP"
+  slurmd -f "$CONF" -N "$(node_name)" </dev/null >>"$STATE/log/slurmd.out" 2>&1 \
+    || { dump_logs; die "slurmd failed to start"; }
+  wait_for "node idle (sinfo)" bash -c \
+    "sinfo -h -p $PARTITION -o '%T' | grep -qx idle"
+}
+
+running() {  # all daemons alive and the controller answers
+  local d
+  for d in "${DAEMONS_STOP_ORDER[@]}"; do daemon_pid "$d" >/dev/null || return 1; done
+  [[ -f $CONF ]] && scontrol ping 2>/dev/null | grep -q UP
+}
+
+print_env() { echo "export SLURM_CONF=$CONF"; }
+
+do_stop() {
+  local d any=0
+  for d in "${DAEMONS_STOP_ORDER[@]}"; do daemon_pid "$d" >/dev/null && any=1; done
+  if ((any == 0)); then log "not running ($STATE)"; return 0; fi
+  # Cancel jobs first so their slurmstepd/tasks do not outlive the cluster.
+  if daemon_pid slurmctld >/dev/null && scontrol ping 2>/dev/null | grep -q UP; then
+    local ids
+    ids=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')
+    if [[ -n ${ids// /} ]]; then
+      # shellcheck disable=SC2086
+      scancel $ids 2>/dev/null || true
+      local deadline=$((SECONDS + 12))
+      while [[ -n $(squeue -h -t R,CG -o %i 2>/dev/null) ]] && ((SECONDS < deadline)); do sleep 0.5; done
+    fi
+  fi
+  for d in "${DAEMONS_STOP_ORDER[@]}"; do stop_daemon "$d"; done
+  log "stopped ($STATE)"
+}
+
+do_start() {
+  if running; then
+    log "already running ($STATE)"
+    print_env
+    return 0
+  fi
+  local t0=$SECONDS
+  mkdir -p "$STATE/run" "$STATE/log"
+  install_packages
+  do_stop >/dev/null 2>&1 || true   # clean up a half-started/stale cluster
+  # Cold start: fresh controller/slurmd state; keep munge key and DB (unless FRESH).
+  rm -rf "$STATE/ctld" "$STATE/slurmd"
+  if [[ ${TLDIST_SLURM_FRESH:-0} == 1 ]]; then rm -rf "$STATE/mysql"; fi
+  local d
+  for d in munged mariadbd mariadb-install slurmdbd slurmctld slurmd; do rm -f "$STATE/log/$d.log" "$STATE/log/$d.out"; done
+  [[ -s $STATE/dbpass ]] || { head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$STATE/dbpass"; }
+  chmod 600 "$STATE/dbpass"
+  DB_PASS=$(cat "$STATE/dbpass")
+  choose_ports
+  write_configs
+  start_munge
+  start_mariadb
+  start_slurm
+  log "up in $((SECONDS - t0)) s: node $(node_name), $CPUS CPUs, partitions $PARTITION (default), urgent"
+  print_env
+}
+
+do_status() {
+  if [[ ! -f $CONF ]]; then log "no cluster configured in $STATE"; return 1; fi
+  local d pid rc=0
+  for d in munged mariadbd slurmdbd slurmctld slurmd; do
+    if pid=$(daemon_pid "$d"); then printf '%-10s pid %s\n' "$d" "$pid"
+    else printf '%-10s DOWN\n' "$d"; rc=1; fi
+  done
+  if ((rc == 0)) && scontrol ping 2>/dev/null | grep -q UP; then
+    sinfo
+    squeue
+    print_env
+  else
+    rc=1
+  fi
+  return $rc
+}
+
+# Serialise start/stop of the same state dir between concurrent callers.
+LOCKFILE=$STATE/.lock
+if [[ $CMD == start || $CMD == stop || $CMD == restart ]]; then
+  exec 9>"$LOCKFILE"
+  flock -w 300 9 || die "could not lock $LOCKFILE"
+fi
+
+case "$CMD" in
+  start) do_start ;;
+  stop) do_stop ;;
+  restart) do_stop; do_start ;;
+  status) do_status ;;
+  env) print_env ;;
+esac

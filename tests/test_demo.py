@@ -1,0 +1,72 @@
+"""Embedded demo data: rendered letters (source) and scikit-learn digits (target)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tldist.data.demo import (DIGITS, LETTERS, digits_indices, digits_samples, letters_samples,
+                              write_demo_shards)
+from tldist.data.manifest import load_manifest
+from tldist.errors import ConfigError
+
+
+def pixels(sample) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(sample.data)))
+
+
+def test_letters_deterministic_balanced_and_varied():
+    classes, samples = letters_samples(3, seed=5)
+    assert classes == LETTERS and len(samples) == 78
+    a, b = list(samples), list(letters_samples(3, seed=5)[1])
+    assert [s.data for s in a] == [s.data for s in b]
+    assert [s.data for s in a] != [s.data for s in letters_samples(3, seed=6)[1]]
+    assert [s.data for s in a] != [s.data for s in letters_samples(3, seed=5, split="val")[1]]
+    assert Counter(s.label for s in a) == {i: 3 for i in range(26)}
+    img = pixels(a[0])
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()  # grayscale-looking
+    assert img.std() > 10  # something was drawn
+    assert len({s.key for s in a}) == 78
+
+
+def test_digits_split_label_fraction_and_styles():
+    train, val = digits_indices("train", seed=0), digits_indices("val", seed=0)
+    assert not set(train) & set(val) and len(train) + len(val) == 1797
+    assert 0.28 < len(val) / 1797 < 0.32
+    few = digits_indices("train", seed=0, label_fraction=0.1)
+    assert set(few) <= set(train) and 100 < len(few) < 152
+    classes, samples = digits_samples("train", label_fraction=0.02)
+    assert classes == DIGITS and set(Counter(s.label for s in samples)) == set(range(10))  # every class kept
+    plain = pixels(next(iter(digits_samples("val")[1])))
+    assert plain.shape == (32, 32, 3)
+    for style in ("invert", "color", "blur", "noise"):
+        styled = pixels(next(iter(digits_samples("val", style=style)[1])))
+        assert styled.shape == (32, 32, 3) and not np.array_equal(styled, plain)
+    assert np.array_equal(pixels(next(iter(digits_samples("val", style="invert")[1]))), 255 - plain)
+    with pytest.raises(ConfigError, match="style"):
+        digits_samples("val", style="sepia")
+    with pytest.raises(ConfigError, match="label_fraction"):
+        digits_indices("train", label_fraction=0)
+
+
+def test_write_demo_shards_and_reuse(tmp_path):
+    out = write_demo_shards(tmp_path, source_per_class=4, source_val_per_class=1, label_fraction=0.5)
+    assert set(out) == {"source/train", "source/val", "target/train", "target/val"}
+    assert out["source/train"].num_samples == 104 and len(out["source/train"].shards) == 8
+    assert out["source/val"].num_samples == 26 and len(out["source/val"].shards) == 2
+    assert out["target/train"].classes == DIGITS and len(out["target/train"].shards) == 8
+    assert abs(out["target/train"].num_samples - 629) <= 10
+    assert load_manifest(tmp_path / "target" / "val").num_samples == len(digits_indices("val"))
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.tar")}
+    again = write_demo_shards(tmp_path, source_per_class=4, source_val_per_class=1, label_fraction=0.5)
+    assert {k: m.num_samples for k, m in again.items()} == {k: m.num_samples for k, m in out.items()}
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.tar")}  # nothing rewritten
+    changed = write_demo_shards(tmp_path, source_per_class=4, source_val_per_class=1, label_fraction=1.0)
+    assert changed["target/train"].num_samples == len(digits_indices("train"))
+    rewritten = {p for p in tmp_path.rglob("*.tar") if stamps.get(p) != p.stat().st_mtime_ns}
+    assert rewritten and all("target/train" in p.as_posix() for p in rewritten)

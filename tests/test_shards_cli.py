@@ -1,0 +1,105 @@
+"""`tldist shards` subcommands and the shard checker, on real shards in tmp_path."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tldist.data.shards_cli import add_parser, parse_size
+from tldist.data.verify import verify_shards
+from tldist.data.writer import Sample, write_shards
+from tldist.errors import ConfigError, DataError
+
+
+def jpeg(seed: int, size: int = 32) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tldist")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def write_set(out, corrupt_key: str | None = None):
+    samples = []
+    for i in range(9):
+        data = jpeg(i)
+        if f"s{i}" == corrupt_key:
+            data = data[: len(data) // 2]  # header intact, entropy data cut
+        samples.append(Sample(f"s{i}", data, "jpg", i % 3))
+    return write_shards(samples, out, "train", ["a", "b", "c"], max_count=3, check="none")
+
+
+def test_verify_clean_set(tmp_path, capsys):
+    write_set(tmp_path / "ok")
+    report = verify_shards(tmp_path / "ok")
+    assert report.ok and report.num_samples == 9 and report.label_counts == {0: 3, 1: 3, 2: 3}
+    assert run(["shards", "verify", str(tmp_path / "ok")]) == 0
+    assert "9/9 samples" in capsys.readouterr().out
+
+
+def test_verify_reports_corrupt_member_and_wrong_count(tmp_path, capsys):
+    m = write_set(tmp_path / "bad", corrupt_key="s4")
+    manifest_path = tmp_path / "bad" / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["shards"][2]["num_samples"] = 5
+    manifest_path.write_text(json.dumps(raw))
+    shard_of_s4 = next(s.name for s, u in zip(m.shards, m.shard_urls())
+                       if "s4.jpg" in tarfile.open(u).getnames())
+    report = verify_shards(tmp_path / "bad")
+    assert not report.ok
+    found = {(p.shard, p.key) for p in report.problems}
+    assert (shard_of_s4, "s4") in found
+    assert any(p.shard == "train-000002.tar" and "manifest says 5" in p.message for p in report.problems)
+    assert len(report.problems) == 2
+    assert run(["shards", "verify", str(tmp_path / "bad")]) == 1
+    out = capsys.readouterr().out
+    assert f"{shard_of_s4}: s4: .jpg does not decode" in out and "train-000002.tar: manifest says 5" in out
+
+
+def test_verify_missing_and_out_of_range(tmp_path):
+    write_shards([Sample("x", jpeg(0), "jpg", 2)], tmp_path / "s", "train", ["a", "b", "c"])
+    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    raw["classes"] = ["a", "b"]
+    raw["shards"].append({"name": "train-000001.tar", "num_samples": 1})
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(raw))
+    msgs = [str(p) for p in verify_shards(tmp_path / "s").problems]
+    assert any("x: .cls is 2, outside 0..1" in m for m in msgs)
+    assert any("train-000001.tar" in m and "missing" in m for m in msgs)
+    with pytest.raises(DataError, match="no manifest"):
+        verify_shards(tmp_path / "nowhere")
+
+
+def test_cli_writers(tmp_path, capsys):
+    for c in ("x", "y"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(5):
+            (tmp_path / "src" / c / f"{i}.jpg").write_bytes(jpeg(i + (10 if c == "y" else 0)))
+    assert run(["shards", "imagefolder", str(tmp_path / "src"), str(tmp_path / "out"), "--val-fraction", "0.2",
+                "--min-shards", "2", "--max-size", "1MB"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"train: {tmp_path / 'out' / 'train'}  2 shards  8 samples  2 classes"
+    assert lines[1].startswith("val: ") and "2 samples" in lines[1]
+    assert run(["shards", "verify", str(tmp_path / "out" / "val")]) == 0
+    (tmp_path / "list.csv").write_text("src/x/0.jpg,x\nsrc/y/1.jpg,y\n")
+    assert run(["shards", "csv", str(tmp_path / "list.csv"), str(tmp_path / "csvout"), "--split", "val"]) == 0
+    assert "val: " in capsys.readouterr().out and (tmp_path / "csvout" / "val" / "manifest.json").is_file()
+    with pytest.raises(DataError, match="does not exist"):
+        run(["shards", "imagefolder", str(tmp_path / "missing"), str(tmp_path / "o")])
+
+
+def test_parse_size():
+    assert parse_size("500MB") == 500_000_000 and parse_size("1.5G") == 1_500_000_000
+    assert parse_size("256MiB") == 256 * 1024**2 and parse_size("1234") == 1234
+    with pytest.raises(ConfigError, match="--max-size"):
+        parse_size("lots")

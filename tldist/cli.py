@@ -1,0 +1,92 @@
+"""The ``tldist`` command: one subcommand per job, each a thin call into the library.
+
+User mistakes (:class:`tldist.errors.UserError`) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from tldist.errors import UserError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tldist.config import load_config
+    from tldist.train.main import run
+
+    result = run(load_config(args.config, args.overrides))
+    return 0 if not result.get("stopped") else 3
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from tldist.config import load_config
+    from tldist.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(load_config(args.config, args.overrides), args.checkpoint)
+    if metrics.get("is_main", True):
+        print(f"top1 {metrics['top1']:.2f}%  top5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+              f"({metrics['count']} samples)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tldist.quickstart import run_demo
+
+    run_demo(args.out, processes=args.processes, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tldist", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from tldist.data.shards_cli import add_parser as add_shards_parser
+
+    add_shards_parser(sub)
+
+    p = sub.add_parser("train", help="fine-tune a backbone on shards (run under accelerate launch or alone)")
+    p.add_argument("config", help="YAML config, e.g. configs/demo_target.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the config's val shards")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (step_*), export dir or weights file")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="embedded default: letters -> handwritten digits transfer on 2 CPU processes")
+    p.add_argument("--out", default="demo_out", help="working directory for shards and runs")
+    p.add_argument("--processes", type=int, default=2, help="training processes")
+    p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
+    p.set_defaults(func=_cmd_demo)
+
+    for extra in ("tldist.export", "tldist.launch"):
+        try:
+            module = __import__(extra + ".cli", fromlist=["add_parsers"])
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(extra):
+                continue
+            raise
+        module.add_parsers(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"tldist: error: {prefix}{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Typed job configuration.
+
+Precedence, stated once: dataclass defaults < the YAML file < dotted CLI overrides
+(``optim.lr=3e-4``). :func:`load_config` is the only place where they are merged.
+Unknown keys and wrong types are rejected by OmegaConf's structured merge; value
+ranges are checked by :meth:`JobConfig.validate`, both raising :class:`ConfigError`
+naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tldist.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)
+    """Training shard sets: each a manifest location (shard dir, ``manifest.json`` path or http(s) URL)."""
+    train_weights: list[float] = field(default_factory=list)
+    """Sampling weight per entry of ``train`` (mixtures); empty means proportional to sample counts."""
+    train_urls: list[str] = field(default_factory=list)
+    """Optional shard URL patterns overriding the manifest's shard locations, one per ``train`` entry
+    (brace-expanded; local paths, ``http(s)://`` or ``pipe:`` commands)."""
+    val: Optional[str] = None
+    """Validation shard set (manifest location); evaluation is skipped when unset."""
+    val_urls: Optional[str] = None
+    """Optional shard URL pattern overriding the val manifest's shard locations."""
+    batch_size: int = 32
+    """Micro-batch size per process (the global batch is this x processes x grad accumulation)."""
+    eval_batch_size: int = 0
+    """Per-process eval batch size; 0 means 2 x ``batch_size``."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (persistent across epochs)."""
+    shuffle_buffer: int = 1000
+    """Samples per shuffle block; raw bytes of one block are held in memory per worker."""
+    seed: int = 0
+    """Seed for shard order and in-block shuffles; together with the step it fixes the sample order."""
+    image_size: int = 0
+    """Input resolution; 0 means the backbone's own default input size."""
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop scale range for training."""
+    hflip: bool = True
+    """Random horizontal flip during training (turn off for digits and text)."""
+    resampled: bool = False
+    """Draw training shards with replacement (for very large or multi-source data); needs ``samples_per_epoch``."""
+    samples_per_epoch: int = 0
+    """Declared epoch size in samples; 0 means the manifests' total (required with ``resampled``)."""
+    decode: str = "pil"
+    """JPEG/PNG decoder in loader workers: ``pil`` or ``torchvision`` (torchvision.io.decode_image)."""
+    max_skip_fraction: float = 0.01
+    """Stop the run when more than this fraction of samples read so far failed to decode."""
+    pin_memory: bool = True
+    """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    """torchvision classification model name (``resnet50``, ``vit_b_16``...) or ``timm:<name>``."""
+    pretrained: bool = True
+    """Load pretrained weights (torchvision ``weights`` enum, timm's weights or ``checkpoint``)."""
+    weights: str = "DEFAULT"
+    """torchvision weights enum member (``DEFAULT``, ``IMAGENET1K_V2``...)."""
+    checkpoint: Optional[str] = None
+    """Local checkpoint (state dict, tldist checkpoint or export) to initialise the backbone from."""
+    num_classes: int = 0
+    """Classes of the new head; 0 means the count in the training manifest."""
+
+
+@dataclass
+class TransferConfig:
+    strategy: str = "full"
+    """``linear_probe`` (backbone frozen), ``full``, or ``last_n`` (unfreeze the last ``last_n`` stages)."""
+    last_n: int = 1
+    """Stages/blocks to unfreeze with ``strategy=last_n``."""
+    freeze_bn: bool = False
+    """Keep BatchNorm running statistics and affine parameters fixed."""
+    layer_decay: float = 1.0
+    """Layer-wise LR decay: stage i of n gets ``lr * layer_decay ** (n - i)``; 1.0 disables it."""
+    head_lr_mult: float = 1.0
+    """LR multiplier for the new classification head."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """``sgd`` (Nesterov momentum) or ``adamw``."""
+    lr: float = 0.1
+    """Base LR for a global batch of ``lr_ref_batch`` images; scaled linearly with the real global batch."""
+    lr_ref_batch: int = 256
+    """Global batch at which ``lr`` applies unscaled."""
+    weight_decay: float = 1e-4
+    """Weight decay (never applied to norm layers and biases)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup in optimizer steps (takes priority over ``warmup_epochs``)."""
+    warmup_epochs: float = 0.0
+    """Linear warmup in epochs, used when ``warmup_steps`` is 0."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of the peak LR."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    """Training epochs (an epoch is the declared train sample count / global batch)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 means ``epochs`` decide."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    mixed_precision: str = "no"
+    """``no``, ``bf16`` or ``fp16``."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    eval_every_steps: int = 0
+    """Evaluate every N optimizer steps; 0 means once per epoch."""
+    log_every_steps: int = 10
+    """Log train metrics every N optimizer steps."""
+    seed: int = 0
+    """Seed for model init and dropout."""
+    channels_last: bool = True
+    """Use channels_last memory format for conv nets."""
+    fsdp: bool = False
+    """Shard the model with FSDP2 (also turned on by an accelerate config with ``distributed_type: FSDP``)."""
+    fsdp_block: str = ""
+    """Module class name wrapped as one FSDP unit (e.g. ``BasicBlock``, ``EncoderBlock``); empty picks the model's stages."""
+    profile: bool = False
+    """Write a torch profiler trace of a few steps to ``output_dir/profile``."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps (0: only at the end and at each epoch end)."""
+    keep_last: int = 2
+    """Periodic checkpoints to keep (the best is kept as well)."""
+    resume: str = "auto"
+    """``auto`` (latest in ``output_dir/checkpoints`` if any), ``none``, or a checkpoint directory."""
+
+
+@dataclass
+class TrackerConfig:
+    backend: str = "wandb"
+    """``wandb`` or ``none``."""
+    project: str = "tldist"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team/user)."""
+    mode: str = "offline"
+    """W&B mode: ``offline`` (default; sync later with ``wandb sync``), ``online`` or ``disabled``."""
+    group: Optional[str] = None
+    """W&B group (sweeps and job arrays share one)."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+
+@dataclass
+class JobConfig:
+    output_dir: str = "runs/default"
+    """Where checkpoints, logs and the resolved config go."""
+    run_name: str = ""
+    """Run name for the tracker; empty uses the output dir's name."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+
+    def validate(self) -> "JobConfig":
+        """Check value ranges; raises :class:`ConfigError` naming the key."""
+        d, t, o = self.data, self.train, self.optim
+        if not d.train:
+            _bad("data.train", d.train, "list at least one shard set, e.g. data.train=[shards/train]")
+        if d.train_weights and len(d.train_weights) != len(d.train):
+            _bad("data.train_weights", d.train_weights, f"give one weight per data.train entry ({len(d.train)})")
+        if any(w <= 0 for w in d.train_weights):
+            _bad("data.train_weights", d.train_weights, "weights must be > 0")
+        if d.train_urls and len(d.train_urls) != len(d.train):
+            _bad("data.train_urls", d.train_urls, f"give one URL pattern per data.train entry ({len(d.train)})")
+        _positive("data.batch_size", d.batch_size)
+        _at_least("data.num_workers", d.num_workers, 0)
+        _positive("data.shuffle_buffer", d.shuffle_buffer)
+        if len(d.train_crop_scale) != 2 or not 0 < d.train_crop_scale[0] <= d.train_crop_scale[1] <= 1:
+            _bad("data.train_crop_scale", d.train_crop_scale, "use [min, max] with 0 < min <= max <= 1")
+        if d.resampled and d.samples_per_epoch <= 0:
+            _bad("data.samples_per_epoch", d.samples_per_epoch, "set a positive epoch size when data.resampled=true")
+        _choice("data.decode", d.decode, ("pil", "torchvision"))
+        if not 0 <= d.max_skip_fraction < 1:
+            _bad("data.max_skip_fraction", d.max_skip_fraction, "use a fraction in [0, 1)")
+        _choice("transfer.strategy", self.transfer.strategy, ("linear_probe", "full", "last_n"))
+        _positive("transfer.last_n", self.transfer.last_n)
+        if not 0 < self.transfer.layer_decay <= 1:
+            _bad("transfer.layer_decay", self.transfer.layer_decay, "use a value in (0, 1]")
+        _choice("optim.name", o.name, ("sgd", "adamw"))
+        _positive("optim.lr", o.lr)
+        _positive("optim.lr_ref_batch", o.lr_ref_batch)
+        _at_least("optim.weight_decay", o.weight_decay, 0)
+        _choice("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
+        _positive("train.epochs", t.epochs)
+        _positive("train.grad_accum", t.grad_accum)
+        _positive("train.log_every_steps", t.log_every_steps)
+        if not 0 <= t.label_smoothing < 1:
+            _bad("train.label_smoothing", t.label_smoothing, "use a value in [0, 1)")
+        _at_least("checkpoint.keep_last", self.checkpoint.keep_last, 1)
+        _choice("tracker.backend", self.tracker.backend, ("wandb", "none"))
+        _choice("tracker.mode", self.tracker.mode, ("offline", "online", "disabled"))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _bad(key: str, value: Any, hint: str) -> None:
+    raise ConfigError(f"config key '{key}' has bad value {value!r}: {hint}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        _bad(key, value, "must be > 0")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        _bad(key, value, f"must be >= {low}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _bad(key, value, f"choose one of {', '.join(choices)}")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Build a :class:`JobConfig`: defaults < YAML file at ``path`` < ``overrides`` (``key=value``)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(JobConfig)
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found: pass the path of a YAML file such as configs/demo.yaml")
+        try:
+            layers.append((str(p), OmegaConf.load(p)))
+        except Exception as e:  # yaml syntax errors
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (for example optim.lr=3e-4)")
+    if overrides:
+        try:
+            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad override: {_omegaconf_message(e)}") from None
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: {_omegaconf_message(e)}") from None
+    cfg: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> JobConfig:
+    """Rebuild a config saved with a checkpoint (strict, like :func:`load_config`)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(d)))  # type: ignore[return-value]
+
+
+def _omegaconf_message(e: Exception) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    if "Key '" in msg and "not in" in msg:
+        return f"unknown config key '{key}' (check the spelling; see tldist/config.py for the keys)"
+    if key:
+        return f"config key '{key}': {msg}"
+    return msg
+
+
+def format_config(cfg: JobConfig) -> str:
+    """The resolved config as YAML, printed once at start and saved with checkpoints."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

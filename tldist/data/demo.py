@@ -1,0 +1,222 @@
+"""The embedded demo data: real transfer learning with no downloads.
+
+* Source domain (pretraining): procedurally rendered printed letters A-Z (Pillow's bundled
+  scalable font), randomly sized, placed, rotated, sheared, with varying stroke width,
+  gray levels and noise; 32x32 grayscale-looking RGB PNG, deterministic given a seed.
+* Target domain: scikit-learn's ``load_digits()`` handwriting (8x8, shipped with the
+  package) upscaled bilinearly to 32x32 RGB PNG, with a seeded stratified train/val split
+  and an optional stratified ``label_fraction`` of the train labels (low-label transfer).
+* ``style`` shifts a domain deterministically (``invert``, ``color``, ``blur``, ``noise``)
+  for domain-adaptation experiments.
+
+:func:`write_demo_shards` writes ``source/{train,val}`` and ``target/{train,val}`` shard sets
+and skips any set whose manifest already records the same parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from tldist.data.manifest import Manifest, load_manifest
+from tldist.data.sources import Sample, SampleSource, encode_image, stratified_split
+from tldist.data.writer import write_shards
+from tldist.errors import ConfigError, DataError
+
+DEMO_VERSION = 1
+"""Bump when the generated images change, so cached demo shards are rewritten."""
+LETTERS = [chr(ord("A") + i) for i in range(26)]
+DIGITS = [str(i) for i in range(10)]
+STYLES = ("invert", "color", "blur", "noise")
+SIZE = 32
+_CANVAS = 64
+_FONT_SIZE = 40
+
+
+@lru_cache(maxsize=None)
+def _glyph(letter: str, stroke: int) -> "object":
+    """The letter drawn white on black, centred on a 64x64 canvas (cached; fonts are slow)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=_FONT_SIZE)
+    img = Image.new("L", (_CANVAS, _CANVAS), 0)
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), letter, font=font, stroke_width=stroke)
+    pos = ((_CANVAS - (x1 - x0)) / 2 - x0, (_CANVAS - (y1 - y0)) / 2 - y0)
+    draw.text(pos, letter, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
+    return img
+
+
+@lru_cache(maxsize=None)
+def _glyph_height(letter: str, stroke: int) -> int:
+    bbox = _glyph(letter, stroke).getbbox()
+    return max(1, bbox[3] - bbox[1]) if bbox else 1
+
+
+def _check_style(style: Optional[str]) -> None:
+    if style and style not in STYLES:
+        raise ConfigError(f"demo style '{style}' is unknown; use one of {', '.join(STYLES)} or none")
+
+
+def apply_style(gray: np.ndarray, style: Optional[str], rng: np.random.Generator) -> np.ndarray:
+    """Turn a HxW uint8 gray image into HxWx3 uint8 RGB, shifted by ``style`` (None: plain gray)."""
+    from PIL import Image, ImageFilter
+
+    _check_style(style)
+    x = gray.astype(np.float32)
+    if style == "invert":
+        x = 255.0 - x
+    elif style == "blur":
+        x = np.asarray(Image.fromarray(gray).filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float32)
+    elif style == "noise":
+        x = x + rng.normal(0.0, 30.0, x.shape)
+    if style == "color":
+        lo, hi = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        rgb = lo + (hi - lo) * (x[..., None] / 255.0)
+    else:
+        rgb = np.repeat(x[..., None], 3, axis=2)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    return encode_image(Image.fromarray(rgb, "RGB"), "png")
+
+
+def letters_samples(per_class: int, *, seed: int = 0, split: str = "train",
+                    style: Optional[str] = None) -> tuple[list[str], SampleSource]:
+    """``per_class`` rendered letters for each of A-Z; the ``seed``/``split`` pair fixes every pixel."""
+    from PIL import Image
+
+    if per_class < 1:
+        raise ConfigError(f"letters per class must be >= 1, got {per_class}")
+    _check_style(style)
+    n = per_class * len(LETTERS)
+
+    def generate() -> Iterator[Sample]:
+        rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 1])
+        theta = np.radians(rng.uniform(-15, 15, n))
+        shear = rng.uniform(-0.3, 0.3, n)
+        height = rng.uniform(13, 26, n)
+        shift = rng.uniform(-4, 4, (n, 2))
+        stroke = rng.integers(0, 4, n)
+        lo = rng.uniform(0, 170, n)
+        hi = lo + rng.uniform(70, 255 - lo)
+        flip = rng.random(n) < 0.5
+        sigma = rng.uniform(0, 10, n)
+        for i in range(n):
+            label = i % len(LETTERS)
+            glyph = _glyph(LETTERS[label], int(stroke[i]))
+            s = height[i] / _glyph_height(LETTERS[label], int(stroke[i]))
+            c, si = math.cos(theta[i]), math.sin(theta[i])
+            fwd = s * np.array([[c, -si], [si, c]]) @ np.array([[1.0, shear[i]], [0.0, 1.0]])
+            inv = np.linalg.inv(fwd)
+            centre = SIZE / 2 + shift[i]
+            off = _CANVAS / 2 - inv @ centre
+            mask = glyph.transform((SIZE, SIZE), Image.Transform.AFFINE,
+                                   (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1]),
+                                   resample=Image.Resampling.BILINEAR)
+            fg, bg = (lo[i], hi[i]) if flip[i] else (hi[i], lo[i])
+            gray = bg + (fg - bg) * (np.asarray(mask, dtype=np.float32) / 255.0)
+            gray = np.clip(gray + rng.normal(0, sigma[i], gray.shape) + 0.5, 0, 255).astype(np.uint8)
+            yield Sample(f"{i:06d}", _png(apply_style(gray, style, rng)), "png", label, f"letters[{i}]")
+
+    info = {"type": "demo-letters", "per_class": per_class, "seed": seed, "split": split, "style": style}
+    return list(LETTERS), SampleSource(n, generate, info)
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images, d.target.astype(int)
+
+
+def digits_indices(split: str, *, seed: int = 0, val_fraction: float = 0.3, label_fraction: float = 1.0) -> list[int]:
+    """Indices into ``load_digits()`` for ``split`` ('train'/'val'), stratified and seeded."""
+    if split not in ("train", "val"):
+        raise ConfigError(f"digits split must be 'train' or 'val', got '{split}'")
+    if not 0.0 < label_fraction <= 1.0:
+        raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    labels = _digits()[1]
+    train, val = stratified_split(labels, val_fraction, seed)
+    if split == "val":
+        return val
+    if label_fraction < 1.0:
+        _, kept = stratified_split(labels[train], label_fraction, seed + 1)
+        train = [train[j] for j in kept]
+    return train
+
+
+def digits_samples(split: str, *, seed: int = 0, val_fraction: float = 0.3, label_fraction: float = 1.0,
+                   style: Optional[str] = None) -> tuple[list[str], SampleSource]:
+    """scikit-learn handwritten digits upscaled to 32x32 RGB PNG (see :func:`digits_indices`)."""
+    from PIL import Image
+
+    _check_style(style)
+    idx = digits_indices(split, seed=seed, val_fraction=val_fraction, label_fraction=label_fraction)
+    order = list(np.random.default_rng([seed, 7]).permutation(idx))
+
+    def generate() -> Iterator[Sample]:
+        images, labels = _digits()
+        rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 2])
+        for i in order:
+            small = Image.fromarray(np.clip(images[i] * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8), "L")
+            gray = np.asarray(small.resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+            yield Sample(f"d{int(i):05d}", _png(apply_style(gray, style, rng)), "png", int(labels[i]), f"digits[{i}]")
+
+    info = {"type": "demo-digits", "split": split, "seed": seed, "val_fraction": val_fraction,
+            "label_fraction": label_fraction, "style": style}
+    return list(DIGITS), SampleSource(len(order), generate, info)
+
+
+def _cached(out: Path, params: dict) -> Optional[Manifest]:
+    try:
+        m = load_manifest(out)
+    except DataError:
+        return None
+    if m.meta.get("demo") != params or not all(Path(u).is_file() for u in m.shard_urls()):
+        return None
+    return m
+
+
+def write_demo_shards(out_dir: str | Path, *, source_per_class: int = 200, source_val_per_class: int = 40,
+                      seed: int = 0, val_fraction: float = 0.3, label_fraction: float = 1.0,
+                      source_style: Optional[str] = None, target_style: Optional[str] = None,
+                      train_shards: int = 8, val_shards: int = 2, force: bool = False) -> dict[str, Manifest]:
+    """Write the demo shard sets under ``out_dir``: ``source/train``, ``source/val``, ``target/train``, ``target/val``.
+
+    Train sets get ``train_shards`` shards and val sets ``val_shards`` (fewer when there are
+    fewer samples). A set whose manifest already records the same parameters is reused
+    unless ``force``. Returns ``{'source/train': Manifest, ...}``.
+    """
+    if train_shards < 1 or val_shards < 1:
+        raise ConfigError(f"train_shards and val_shards must be >= 1, got {train_shards} and {val_shards}")
+    out_dir = Path(out_dir)
+    plans = {
+        "source/train": lambda: letters_samples(source_per_class, seed=seed, split="train", style=source_style),
+        "source/val": lambda: letters_samples(source_val_per_class, seed=seed, split="val", style=source_style),
+        "target/train": lambda: digits_samples("train", seed=seed, val_fraction=val_fraction,
+                                               label_fraction=label_fraction, style=target_style),
+        "target/val": lambda: digits_samples("val", seed=seed, val_fraction=val_fraction, style=target_style),
+    }
+    result: dict[str, Manifest] = {}
+    for name, make in plans.items():
+        classes, samples = make()
+        split = name.split("/")[1]
+        params = {"version": DEMO_VERSION, "set": name, **samples.info,
+                  "shards": train_shards if split == "train" else val_shards}
+        cached = None if force else _cached(out_dir / name, params)
+        if cached is not None:
+            result[name] = cached
+            continue
+        result[name] = write_shards(samples, out_dir / name, split, classes, max_count=None, max_size=None,
+                                    min_shards=params["shards"], check="none", meta={"demo": params})
+    return result

@@ -1,0 +1,188 @@
+"""The ``tldist shards`` subcommand: write shard sets from image folders, CSV lists, torchvision
+datasets or the embedded demo, and verify existing shard sets.
+
+Every writer puts each split in its own directory, ``OUT/<split>`` (``OUT/source/train``...
+for the demo), and prints one summary line per split written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from tldist.data.manifest import Manifest
+from tldist.errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``'500000000'``, ``'500MB'``, ``'1.5G'`` or ``'256MiB'`` (k/M/G/T: 1000s, with 'i': 1024s)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"--max-size '{text}' is not a size; write e.g. 500MB, 1G or 250000000")
+    num, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3).lower().startswith("i")
+    power = "_kmgt".index(unit) if unit else 0
+    return int(num * (1024 if binary else 1000) ** power)
+
+
+def _summary(path: Path, m: Manifest) -> str:
+    skipped = m.meta.get("skipped", 0)
+    return (f"{m.split}: {path}  {len(m.shards)} shards  {m.num_samples} samples  {m.num_classes} classes"
+            + (f"  ({skipped} unreadable skipped)" if skipped else ""))
+
+
+def _write_kw(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_count": args.max_count, "max_size": (parse_size(args.max_size) or None) if args.max_size else None,
+            "min_shards": args.min_shards, "reencode": args.reencode, "quality": args.quality,
+            "max_side": args.max_side, "check": args.check}
+
+
+def _read_classes(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    try:
+        names = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise ConfigError(f"--classes '{path}' cannot be read: {e}") from None
+    if not names:
+        raise ConfigError(f"--classes '{path}' is empty; write one class name per line")
+    return names
+
+
+def cmd_imagefolder(args: argparse.Namespace) -> int:
+    """``tldist shards imagefolder``: shard a class-subdirectory tree (and its val split)."""
+    from tldist.data.writer import write_imagefolder
+
+    out = Path(args.out)
+    written = write_imagefolder(args.root, out, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
+                                shuffle=not args.no_shuffle, **_write_kw(args))
+    for split, m in written.items():
+        print(_summary(out / split, m))
+    return 0
+
+
+def cmd_csv(args: argparse.Namespace) -> int:
+    """``tldist shards csv``: shard the images listed in a ``path,label`` CSV/TSV file."""
+    from tldist.data.writer import samples_from_csv, write_shards
+
+    classes, samples = samples_from_csv(args.file, args.root, classes=_read_classes(args.classes), seed=args.seed,
+                                        shuffle=not args.no_shuffle)
+    out = Path(args.out) / args.split
+    print(_summary(out, write_shards(samples, out, args.split, classes, **_write_kw(args))))
+    return 0
+
+
+def cmd_torchvision(args: argparse.Namespace) -> int:
+    """``tldist shards torchvision``: shard a torchvision dataset already present under ROOT."""
+    from tldist.data.writer import samples_from_torchvision, write_shards
+
+    classes, samples = samples_from_torchvision(args.name, args.root, train=args.split == "train",
+                                                download=args.download, encode=args.encode, quality=args.quality,
+                                                seed=args.seed, shuffle=not args.no_shuffle)
+    out = Path(args.out) / args.split
+    print(_summary(out, write_shards(samples, out, args.split, classes, **_write_kw(args))))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``tldist shards demo``: write (or reuse) the embedded letters -> digits demo shard sets."""
+    from tldist.data.demo import write_demo_shards
+
+    out = Path(args.out)
+    written = write_demo_shards(out, source_per_class=args.source_per_class, seed=args.seed,
+                                label_fraction=args.label_fraction, target_style=args.style, force=args.force)
+    for name, m in written.items():
+        print(_summary(out / name, m))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``tldist shards verify``: check a shard set against its manifest; exit 1 on any problem."""
+    from tldist.data.verify import verify_shards
+
+    report = verify_shards(args.location, urls=args.urls, decode=not args.no_decode)
+    for name, n in report.found.items():
+        expected = report.expected[name]
+        print(f"  {name}: {n} samples" + ("" if n == expected else f" (manifest: {expected})"))
+    for p in report.problems:
+        print(f"PROBLEM {p}")
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _add_write_options(p: argparse.ArgumentParser, split_choices: list[str] | None = None) -> None:
+    g = p.add_argument_group("shard writing")
+    g.add_argument("--max-count", type=int, default=10000, metavar="N", help="samples per shard at most (default 10000)")
+    g.add_argument("--max-size", default="500MB", metavar="BYTES",
+                   help="close a shard after about this many bytes: 500MB, 1G, 250000000 (default 500MB)")
+    g.add_argument("--min-shards", type=int, default=16, metavar="N",
+                   help="lower --max-count so each split has at least N shards, for ranks x workers (default 16)")
+    g.add_argument("--reencode", choices=["jpg", "png"], default=None, help="re-encode every image (default: keep bytes)")
+    g.add_argument("--quality", type=int, default=90, help="JPEG quality for --reencode jpg / --encode jpg (default 90)")
+    g.add_argument("--max-side", type=int, default=0, metavar="PX",
+                   help="downscale images whose longest side exceeds PX (re-encodes them; default 0: keep)")
+    g.add_argument("--check", choices=["decode", "verify", "none"], default="decode",
+                   help="how to test source images; bad ones are skipped and counted (default decode)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the sample order and splits (default 0)")
+    g.add_argument("--no-shuffle", action="store_true", help="keep the source order instead of a seeded shuffle")
+    p.add_argument("--split", default="train", choices=split_choices, help="split name; output goes to OUT/<split>")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``shards`` and its subcommands on ``subparsers``; each sets ``func(args) -> int``."""
+    p = subparsers.add_parser("shards", help="write or verify WebDataset shard sets",
+                              description="Write WebDataset shard sets (OUT/<split>/<split>-000000.tar + manifest.json) "
+                                          "or verify one.")
+    sub = p.add_subparsers(dest="shards_command", metavar="{imagefolder,csv,torchvision,demo,verify}", required=True)
+
+    q = sub.add_parser("imagefolder", help="shard ROOT/<class>/<image> (or ROOT/{train,val}/<class>/<image>)")
+    q.add_argument("root", metavar="ROOT")
+    q.add_argument("out", metavar="OUT")
+    q.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="also write OUT/val from a seeded stratified fraction F of each class")
+    _add_write_options(q)
+    q.set_defaults(func=cmd_imagefolder)
+
+    q = sub.add_parser("csv", help="shard the images listed in a path,label CSV/TSV file")
+    q.add_argument("file", metavar="FILE")
+    q.add_argument("out", metavar="OUT")
+    q.add_argument("--root", default=None, metavar="DIR", help="base of relative paths (default: the CSV's directory)")
+    q.add_argument("--classes", default=None, metavar="FILE", help="class names, one per line (fixes the class order)")
+    _add_write_options(q)
+    q.set_defaults(func=cmd_csv)
+
+    q = sub.add_parser("torchvision", help="shard a torchvision.datasets dataset (CIFAR10, MNIST...) found under ROOT")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("root", metavar="ROOT")
+    q.add_argument("out", metavar="OUT")
+    q.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
+    q.add_argument("--encode", choices=["png", "jpg"], default="png", help="image encoding (default png)")
+    _add_write_options(q, ["train", "val"])
+    q.set_defaults(func=cmd_torchvision)
+
+    q = sub.add_parser("demo", help="write the embedded letters (source) -> digits (target) demo shards")
+    q.add_argument("out", metavar="OUT")
+    q.add_argument("--source-per-class", type=int, default=200, metavar="N", help="rendered letters per class (default 200)")
+    q.add_argument("--label-fraction", type=float, default=1.0, metavar="F",
+                   help="keep a stratified fraction F of the target train labels (default 1.0)")
+    q.add_argument("--style", default=None, choices=["invert", "color", "blur", "noise"],
+                   help="shift the target domain's look (for domain adaptation)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--force", action="store_true", help="rewrite even if matching shards exist")
+    q.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("verify", help="read every shard of a set and check it against its manifest")
+    q.add_argument("location", metavar="LOCATION", help="shard directory, manifest.json path or URL")
+    q.add_argument("--urls", default=None, help="brace pattern overriding the manifest's shard locations")
+    q.add_argument("--no-decode", action="store_true", help="only count samples and check labels (faster)")
+    q.set_defaults(func=cmd_verify)
+    return p
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "imagefolder": cmd_imagefolder, "csv": cmd_csv, "torchvision": cmd_torchvision, "demo": cmd_demo,
+    "verify": cmd_verify,
+}

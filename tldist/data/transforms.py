@@ -1,0 +1,237 @@
+"""Image decoding and augmentation for loader workers, and normalization for the trainer.
+
+Workers turn raw image bytes into **uint8** CHW tensors of a fixed size; converting to
+float and normalizing happens in the training process (ideally on the accelerator) with
+:class:`Normalizer`. Passing uint8 instead of float32 batches between processes is 4x less
+data and was measured at ~0.92 of the decode ceiling vs ~0.5 for float batches.
+
+Training augmentation takes an explicit ``random.Random`` so that a sample's crop and flip
+depend only on its position in the stream: a resumed run sees the same augmentations.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tldist.errors import ConfigError
+
+DECODERS = ("pil", "torchvision")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+EVAL_CROP_RATIO = 0.875  # resize to size / 0.875 then center-crop, torchvision's reference recipe
+
+DecodedImage = Union[Image.Image, torch.Tensor]
+
+
+def _check_interpolation(name: str) -> str:
+    if name not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation '{name}' is not supported: choose one of {', '.join(INTERPOLATIONS)}")
+    return name
+
+
+def _pil_resample(name: str) -> int:
+    return {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[name]
+
+
+def _tv_mode(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+            "bicubic": InterpolationMode.BICUBIC}[name]
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding: bytes -> RGB image (PIL image or uint8 [3, H, W] tensor)
+# ---------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, decoder: str = "pil") -> DecodedImage:
+    """Decode image bytes to RGB: a PIL image (``pil``) or a uint8 [3,H,W] tensor (``torchvision``).
+
+    Grayscale, RGBA and palette images are converted to RGB. Raises (``OSError``,
+    ``RuntimeError``, ``ValueError``...) on undecodable bytes; callers count and skip them.
+    """
+    if decoder == "pil":
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decode now so truncated files fail here, not later in the transform
+        if img.mode == "P":  # palette (maybe with transparency): go through RGBA to avoid PIL warnings
+            img = img.convert("RGBA")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return img
+    if decoder == "torchvision":
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_image as tv_decode
+
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return tv_decode(buf, mode=ImageReadMode.RGB)
+    raise ConfigError(f"data.decode '{decoder}' is not supported: choose one of {', '.join(DECODERS)}")
+
+
+def image_size_of(img: DecodedImage) -> tuple[int, int]:
+    """(width, height) of a decoded image."""
+    if isinstance(img, Image.Image):
+        return img.size
+    return int(img.shape[-1]), int(img.shape[-2])
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> contiguous uint8 [3, H, W] tensor."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------
+# Training: RandomResizedCrop + horizontal flip with an explicit RNG
+# ---------------------------------------------------------------------------------------
+
+def random_resized_crop_params(width: int, height: int, scale: Sequence[float], rng: random.Random,
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """Crop box ``(top, left, h, w)`` as in torchvision's RandomResizedCrop, drawn from ``rng``."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # fallback: the largest centered crop with the aspect ratio clamped into `ratio`
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class TrainTransform:
+    """Random resized crop to ``image_size`` (+ optional horizontal flip) -> uint8 [3,S,S]."""
+
+    def __init__(self, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True,
+                 interpolation: str = "bilinear"):
+        if image_size <= 0:
+            raise ConfigError(f"image_size {image_size} must be > 0 (set data.image_size or use the model's default)")
+        if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ConfigError(f"data.train_crop_scale {list(crop_scale)!r}: use [min, max] with 0 < min <= max <= 1")
+        self.image_size = int(image_size)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.hflip = bool(hflip)
+        self.interpolation = _check_interpolation(interpolation)
+
+    def __call__(self, img: DecodedImage, rng: Optional[random.Random] = None) -> torch.Tensor:
+        rng = rng if rng is not None else random.Random()
+        width, height = image_size_of(img)
+        top, left, h, w = random_resized_crop_params(width, height, self.crop_scale, rng)
+        flip = self.hflip and rng.random() < 0.5
+        size = self.image_size
+        if isinstance(img, Image.Image):
+            # PIL resizes straight from the crop box: one pass, no intermediate copy
+            out = img.resize((size, size), _pil_resample(self.interpolation), box=(left, top, left + w, top + h))
+            if flip:
+                out = out.transpose(Image.FLIP_LEFT_RIGHT)
+            return pil_to_tensor(out)
+        from torchvision.transforms.v2 import functional as F
+
+        out = F.resized_crop(img, top, left, h, w, [size, size], interpolation=_tv_mode(self.interpolation),
+                             antialias=True)
+        if flip:
+            out = out.flip(-1)
+        return out.contiguous()
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(size={self.image_size}, scale={self.crop_scale}, hflip={self.hflip}, "
+                f"interpolation={self.interpolation})")
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: resize shorter side to size / 0.875, center crop
+# ---------------------------------------------------------------------------------------
+
+class EvalTransform:
+    """Resize the shorter side to ``image_size / 0.875``, center-crop ``image_size`` -> uint8 [3,S,S]."""
+
+    def __init__(self, image_size: int, interpolation: str = "bilinear", crop_ratio: float = EVAL_CROP_RATIO):
+        if image_size <= 0:
+            raise ConfigError(f"image_size {image_size} must be > 0 (set data.image_size or use the model's default)")
+        self.image_size = int(image_size)
+        self.resize_size = int(math.floor(image_size / crop_ratio))
+        self.interpolation = _check_interpolation(interpolation)
+
+    def __call__(self, img: DecodedImage, rng: Optional[random.Random] = None) -> torch.Tensor:
+        width, height = image_size_of(img)
+        short = min(width, height)
+        new_w = max(self.image_size, int(round(width * self.resize_size / short)))
+        new_h = max(self.image_size, int(round(height * self.resize_size / short)))
+        top, left = (new_h - self.image_size) // 2, (new_w - self.image_size) // 2
+        if isinstance(img, Image.Image):
+            out = img.resize((new_w, new_h), _pil_resample(self.interpolation))
+            out = out.crop((left, top, left + self.image_size, top + self.image_size))
+            return pil_to_tensor(out)
+        from torchvision.transforms.v2 import functional as F
+
+        out = F.resize(img, [new_h, new_w], interpolation=_tv_mode(self.interpolation), antialias=True)
+        return out[:, top:top + self.image_size, left:left + self.image_size].contiguous()
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.image_size}, resize={self.resize_size}, interpolation={self.interpolation})"
+
+
+def build_train_transform(image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True,
+                          interpolation: str = "bilinear") -> TrainTransform:
+    """Training augmentation: ``t(decoded_image, rng=None) -> uint8 [3, image_size, image_size]``."""
+    return TrainTransform(image_size, crop_scale, hflip, interpolation)
+
+
+def build_eval_transform(image_size: int, interpolation: str = "bilinear") -> EvalTransform:
+    """Eval preprocessing: ``t(decoded_image) -> uint8 [3, image_size, image_size]``."""
+    return EvalTransform(image_size, interpolation)
+
+
+# ---------------------------------------------------------------------------------------
+# Normalization in the training process
+# ---------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalizer(torch.nn.Module):
+    """uint8 [B,3,H,W] batch -> normalized float batch on ``device`` (optionally channels_last).
+
+    ``mean``/``std`` are in [0, 1] units (torchvision weights' ``transforms().mean``). The
+    copy to the device happens first (4x fewer bytes than float), conversion runs there.
+    Buffers are non-persistent, so this module never appears in a model's state dict.
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 device: Any = None, channels_last: bool = False, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ConfigError(f"normalization mean {list(mean)} / std {list(std)}: give 3 values each, std > 0")
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        # x_norm = (x / 255 - mean) / std = x * scale + shift
+        self.register_buffer("scale", 1.0 / (255.0 * std_t), persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
+        self.channels_last = channels_last
+        self.dtype = dtype
+        if device is not None:
+            self.to(device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"Normalizer expects a [B,3,H,W] batch, got shape {tuple(images.shape)}")
+        x = images.to(self.scale.device, non_blocking=True).to(torch.float32)
+        x = torch.addcmul(self.shift, x, self.scale)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.dtype) if self.dtype != torch.float32 else x

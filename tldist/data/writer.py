@@ -1,0 +1,236 @@
+"""Write samples into WebDataset tar shards plus the ``manifest.json`` that describes them.
+
+Layout: ``<out_dir>/<split>-000000.tar``... each sample stored as ``<key>.<ext>`` (the image
+bytes as given) and ``<key>.cls`` (the class index in ASCII). Shards are written under
+temporary names and renamed only when every shard is complete; the manifest is written
+last and atomically, so a crashed write never leaves a manifest describing partial shards.
+Sources (image folders, CSV lists, torchvision datasets) live in :mod:`tldist.data.sources`
+and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import webdataset as wds
+
+import tldist
+from tldist.data.manifest import IMAGE_EXTS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
+from tldist.data.sources import (Sample, SampleSource, encode_image, normalize_ext, safe_key,  # noqa: F401
+                                 samples_from_csv, samples_from_imagefolder, samples_from_torchvision,
+                                 scan_imagefolder, stratified_split)
+from tldist.errors import ConfigError, DataError
+
+log = logging.getLogger("tldist.data")
+
+_KEY_OK = re.compile(r"^[A-Za-z0-9_-]{1,90}$")
+_SPLIT_OK = re.compile(r"^[A-Za-z0-9_-]+$")
+_EXTS = {normalize_ext(e) for e in IMAGE_EXTS}
+CHECKS = ("decode", "verify", "none")
+VAL_DIR_NAMES = ("val", "valid", "validation")
+
+
+class _Skip(Exception):
+    """A sample whose image cannot be used; the writer skips and counts it."""
+
+
+def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, check: str) -> tuple[bytes, str]:
+    """Check (and optionally re-encode/resize) one sample's image; return ``(bytes, ext)``."""
+    from PIL import Image, ImageOps
+
+    if s.error:
+        raise _Skip(s.error)
+    if not s.data:
+        raise _Skip("empty image data")
+    need_decode = bool(reencode) or max_side > 0 or check != "none"
+    if not need_decode:
+        return s.data, s.ext
+    try:
+        with Image.open(io.BytesIO(s.data)) as im:
+            if check == "verify" and not reencode and not max_side:
+                im.verify()
+                return s.data, s.ext
+            too_big = max_side > 0 and max(im.size) > max_side
+            if not reencode and not too_big:
+                if im.format == "JPEG":  # reads the whole entropy stream at 1/8 scale: cheap, catches truncation
+                    im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+                im.load()
+                return s.data, s.ext
+            im.load()
+            img = ImageOps.exif_transpose(im)
+            if too_big:
+                img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+            fmt = reencode or (s.ext if s.ext in ("jpg", "png", "webp") else "png")
+            return encode_image(img, fmt, quality), normalize_ext(fmt)
+    except (ConfigError, DataError):
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise _Skip(f"cannot decode: {type(e).__name__}: {e}") from None
+
+
+def _check_options(split: str, classes: list[str], max_count: Optional[int], max_size: Optional[float],
+                   min_shards: int, reencode: Optional[str], quality: int, max_side: int, check: str) -> None:
+    if not split or not _SPLIT_OK.match(split):
+        raise ConfigError(f"split name '{split}' must be non-empty letters, digits, '_' or '-' (it names the shard files)")
+    if not classes:
+        raise DataError("no classes given; a shard set needs at least one class name")
+    if max_count is not None and max_count < 1:
+        raise ConfigError(f"max_count must be >= 1 samples per shard, got {max_count}")
+    if max_size is not None and max_size < 1:
+        raise ConfigError(f"max_size must be >= 1 byte per shard, got {max_size}")
+    if min_shards < 1:
+        raise ConfigError(f"min_shards must be >= 1, got {min_shards}")
+    if reencode is not None and normalize_ext(reencode) not in ("jpg", "png", "webp"):
+        raise ConfigError(f"reencode must be 'jpg', 'png' or 'webp', got '{reencode}'")
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"quality must be in 1..100, got {quality}")
+    if max_side < 0:
+        raise ConfigError(f"max_side must be >= 0 (0 keeps the size), got {max_side}")
+    if check not in CHECKS:
+        raise ConfigError(f"check must be one of {CHECKS}, got '{check}'")
+
+
+def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, classes: list[str], *,
+                 max_count: Optional[int] = 10000, max_size: Optional[float] = 500e6, min_shards: int = 1,
+                 reencode: Optional[str] = None, quality: int = 90, max_side: int = 0, check: str = "decode",
+                 meta: Optional[dict[str, Any]] = None) -> Manifest:
+    """Write ``samples`` as ``<out_dir>/<split>-%06d.tar`` shards and ``<out_dir>/manifest.json``.
+
+    A shard is closed once it holds ``max_count`` samples or at least ``max_size`` payload
+    bytes (it may exceed that by one sample); when ``samples`` has a length, ``max_count``
+    is lowered so there are at least ``min_shards`` shards. Images are stored as given unless
+    ``reencode`` ('jpg'/'png') or ``max_side`` (longest side, px) asks for a re-encode.
+    ``check`` ('decode', 'verify' or 'none') says how each image is tested; unreadable
+    ones are skipped with a warning and counted in ``meta['skipped']``; no usable sample
+    at all raises :class:`DataError`. One directory holds one split; stale shards of an
+    earlier write of that split are removed.
+    """
+    out_dir = Path(out_dir)
+    reencode = normalize_ext(reencode) if reencode else None
+    _check_options(split, classes, max_count, max_size, min_shards, reencode, quality, max_side, check)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output '{out_dir}' exists and is not a directory")
+    old = out_dir / MANIFEST_NAME
+    if old.is_file():
+        try:
+            old_split = load_manifest(out_dir).split
+        except DataError:
+            old_split = split
+        if old_split != split:
+            raise DataError(f"'{out_dir}' already holds the '{old_split}' shard set; write '{split}' to its own directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count_cap = max_count or 2**62
+    if min_shards > 1 and hasattr(samples, "__len__") and len(samples) > 0:
+        count_cap = min(count_cap, max(1, math.ceil(len(samples) / min_shards)))
+    pattern = str(out_dir).replace("%", "%%") + f"/{split}-%06d.tar"
+    handles: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+
+    def opener(fname: str):
+        handles[fname] = open(fname + ".partial", "wb")
+        counts[fname] = 0
+        return handles[fname]
+
+    seen: set[str] = set()
+    skipped: list[str] = []
+    try:
+        with wds.ShardWriter(pattern, maxcount=count_cap, maxsize=max_size or float("inf"), verbose=0,
+                             opener=opener, post=lambda fname: handles[fname].close(), encoder=False, mtime=0) as sink:
+            for s in samples:
+                if not isinstance(s.key, str) or not _KEY_OK.match(s.key):
+                    raise DataError(f"sample key {s.key!r} ({s.origin}) must be 1-90 letters, digits, '_' or '-'")
+                if s.key in seen:
+                    raise DataError(f"duplicate sample key '{s.key}' ({s.origin}); keys must be unique in a shard set")
+                seen.add(s.key)
+                if isinstance(s.label, bool) or not isinstance(s.label, int) or not 0 <= s.label < len(classes):
+                    raise DataError(f"sample '{s.key}' ({s.origin}) has label {s.label!r}, not in 0..{len(classes) - 1}")
+                ext = normalize_ext(s.ext)
+                if ext not in _EXTS:
+                    raise DataError(f"sample '{s.key}' ({s.origin}) has extension '{s.ext}'; use one of {sorted(_EXTS)}")
+                try:
+                    data, ext = _prepare(Sample(s.key, s.data, ext, s.label, s.origin, s.error),
+                                         reencode, quality, max_side, check)
+                except _Skip as e:
+                    skipped.append(f"{s.origin or s.key}: {e}")
+                    if len(skipped) <= 20:
+                        log.warning("skipping %s: %s", s.origin or s.key, e)
+                    continue
+                sink.write({"__key__": s.key, ext: data, "cls": str(s.label).encode()})
+                counts[sink.fname] += 1
+        written = [f for f in sorted(counts) if counts[f] > 0]
+        if not written:
+            raise DataError(f"no usable samples for '{out_dir}' ({len(skipped)} skipped"
+                            + (f", e.g. {skipped[0]}" if skipped else "") + "); check the source")
+    except BaseException:
+        for f, h in handles.items():
+            h.close()
+            Path(f + ".partial").unlink(missing_ok=True)
+        raise
+    if len(skipped) > 20:
+        log.warning("skipped %d unreadable images in total for '%s'", len(skipped), out_dir)
+    old.unlink(missing_ok=True)  # from here until the new manifest exists, no manifest describes the dir
+    for f in counts:
+        if counts[f] > 0:
+            os.replace(f + ".partial", f)
+        else:
+            Path(f + ".partial").unlink(missing_ok=True)
+    names = {Path(f).name for f in written}
+    for stale in out_dir.glob(f"{split}-*.tar"):
+        if re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", stale.name) and stale.name not in names:
+            stale.unlink()
+    full_meta: dict[str, Any] = {
+        "tldist_version": tldist.__version__,
+        "source": dict(getattr(samples, "info", None) or {"type": "custom"}),
+        "writer": {"max_count": max_count, "max_size": max_size, "min_shards": min_shards, "reencode": reencode,
+                   "quality": quality, "max_side": max_side, "check": check},
+        "skipped": len(skipped),
+        "skipped_examples": skipped[:10],
+    }
+    full_meta.update(meta or {})
+    manifest = Manifest(split=split, classes=list(classes),
+                        shards=[ShardInfo(Path(f).name, counts[f]) for f in written], meta=full_meta, base=str(out_dir))
+    manifest.save(out_dir / MANIFEST_NAME)
+    return manifest
+
+
+def imagefolder_layout(root: str | Path) -> Optional[dict[str, Path]]:
+    """``{'train': root/train, 'val': root/val}`` when ``root`` holds split trees, else ``None``."""
+    root = Path(root)
+    train = root / "train"
+    val = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
+    if train.is_dir() and val is not None and any(p.is_dir() for p in train.iterdir()):
+        return {"train": train, "val": val}
+    return None
+
+
+def write_imagefolder(root: str | Path, out_dir: str | Path, *, split: str = "train", val_fraction: float = 0.0,
+                      seed: int = 0, shuffle: bool = True, **write_kw: Any) -> dict[str, Manifest]:
+    """Shard an image-folder tree into ``out_dir/<split>``; one call writes train and val when possible.
+
+    If ``root`` has ``train/`` and ``val/`` trees both are written (val uses train's classes);
+    else with ``val_fraction > 0`` a seeded stratified split writes ``train`` and ``val``;
+    else the whole tree becomes ``split``. Returns ``{split: Manifest}``.
+    """
+    out_dir = Path(out_dir)
+    layout = imagefolder_layout(root)
+    result: dict[str, Manifest] = {}
+    if layout:
+        if val_fraction:
+            raise ConfigError(f"'{root}' already has train/ and {layout['val'].name}/ trees; drop the val fraction")
+        classes, train = samples_from_imagefolder(layout["train"], split="train", seed=seed, shuffle=shuffle)
+        result["train"] = write_shards(train, out_dir / "train", "train", classes, **write_kw)
+        _, val = samples_from_imagefolder(layout["val"], split="val", seed=seed, classes=classes, shuffle=shuffle)
+        result["val"] = write_shards(val, out_dir / "val", "val", classes, **write_kw)
+        return result
+    splits = ("train", "val") if val_fraction else (split,)
+    for name in splits:
+        classes, samples = samples_from_imagefolder(root, split=name, val_fraction=val_fraction, seed=seed,
+                                                    shuffle=shuffle)
+        result[name] = write_shards(samples, out_dir / name, name, classes, **write_kw)
+    return result

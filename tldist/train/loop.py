@@ -1,0 +1,260 @@
+"""The fine-tuning loop: micro-batches -> optimizer steps -> logs, evals and checkpoints.
+
+Every rank runs exactly ``total_steps`` optimizer steps: the train loader is an infinite,
+evenly split stream (see ``tldist.data.pipeline``) and the eval loader yields the same number
+of batches on every rank, so no collective can hang on an uneven shard split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from tldist.config import CheckpointConfig, TrainConfig
+from tldist.train.checkpoint import CheckpointManager
+from tldist.train.distributed import all_reduce_flag
+from tldist.train.metrics import EvalAccumulator
+from tldist.train.tracking import Tracker
+
+log = logging.getLogger("tldist")
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask the running loop to checkpoint and return at the next optimizer step.
+
+    Safe to call from a signal handler (preemption, timeout) on any rank: ranks agree on the
+    flag with an all-reduce before acting on it.
+    """
+    _STOP.set()
+
+
+@dataclass
+class TrainerState:
+    """Everything about the loop's progress that a resume needs (besides model/optimizer/data)."""
+
+    step: int = 0
+    best_metric: float = -math.inf
+    best_step: int = -1
+    images_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "best_metric": self.best_metric if math.isfinite(self.best_metric) else None,
+                "best_step": self.best_step, "images_seen": self.images_seen, **self.extra}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.step = int(d["step"])
+        self.best_metric = d["best_metric"] if d.get("best_metric") is not None else -math.inf
+        self.best_step = int(d.get("best_step", -1))
+        self.images_seen = int(d.get("images_seen", 0))
+
+
+@dataclass
+class Trainer:
+    """Owns the objects built by ``tldist.train.main.build`` and runs them.
+
+    ``model`` is the wrapped (DDP or FSDP2) model, ``optimizer`` what ``accelerator.prepare``
+    returned (or the raw optimizer under FSDP), ``raw_optimizer`` the torch optimizer itself.
+    """
+
+    cfg: TrainConfig
+    ckpt_cfg: CheckpointConfig
+    accelerator: Any
+    model: nn.Module
+    optimizer: Any
+    raw_optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    eval_loaders: dict[str, Any]
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+    tracker: Tracker
+    checkpoints: CheckpointManager
+    config_yaml: str
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    fsdp: bool = False
+    output_dir: Path = Path(".")
+    state: TrainerState = field(default_factory=TrainerState)
+    on_step: Optional[Callable[[int, dict], None]] = None
+    """Test/diagnostic hook called on the main process after each optimizer step with the batch keys."""
+
+    # ---- helpers ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _sync_context(self, sync: bool):
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.normalize(batch["image"].to(self.device, non_blocking=True))
+        return images, batch["label"].to(self.device, non_blocking=True)
+
+    def _clip(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")
+        if self.fsdp:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return self.accelerator.clip_grad_norm_(params, max_norm)
+
+    # ---- training --------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until ``total_steps`` or a stop request (call on every rank)."""
+        criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        data_iter = iter(self.train_loader)
+        accum = self.cfg.grad_accum
+        global_batch = self.global_batch
+        profiler = self._profiler()
+        window = torch.zeros(4, dtype=torch.float64)  # loss_sum, micro-batches, data_wait_s, elapsed_s
+        window_steps, last_metrics, stopped = 0, {}, False
+        tick = time.perf_counter()
+        self.model.train()
+        while self.state.step < self.total_steps:
+            step_keys: list[str] = []
+            for micro in range(accum):
+                t0 = time.perf_counter()
+                batch = next(data_iter)
+                window[2] += time.perf_counter() - t0
+                step_keys.extend(batch.get("key", []))
+                images, labels = self._to_device(batch)
+                with self._sync_context(micro == accum - 1):
+                    loss = criterion(self.model(images), labels)
+                    self.accelerator.backward(loss / accum)
+                window[0] += loss.detach().float().item()
+                window[1] += 1
+            grad_norm = self._clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            self.state.images_seen += global_batch
+            window_steps += 1
+            if profiler is not None:
+                profiler.step()
+            if self.on_step is not None and self.is_main:
+                self.on_step(self.state.step, {"keys": step_keys})
+            step = self.state.step
+
+            if step % self.cfg.log_every_steps == 0 or step == self.total_steps:
+                window[3] = time.perf_counter() - tick
+                self._log_train(window, window_steps, global_batch, grad_norm)
+                window.zero_()
+                window_steps, tick = 0, time.perf_counter()
+            epoch_end = step % self.steps_per_epoch == 0
+            eval_due = (self.cfg.eval_every_steps and step % self.cfg.eval_every_steps == 0) or \
+                (not self.cfg.eval_every_steps and epoch_end) or step == self.total_steps
+            new_best = None
+            if eval_due and self.eval_loaders:
+                last_metrics = self.evaluate()
+                top1 = last_metrics.get("eval/top1")
+                if top1 is not None and top1 > self.state.best_metric:
+                    self.state.best_metric, self.state.best_step, new_best = top1, step, top1
+                self.model.train()
+            stopped = all_reduce_flag(_STOP.is_set(), self.device)
+            ckpt_due = (self.ckpt_cfg.every_steps and step % self.ckpt_cfg.every_steps == 0) or epoch_end \
+                or step == self.total_steps or stopped or new_best is not None
+            if ckpt_due:
+                self.save(metric=new_best)
+            if stopped:
+                self.tracker.mark_preempting()
+                break
+        if profiler is not None:
+            profiler.stop()
+        return {"step": self.state.step, "stopped": stopped, "best_top1": self.state.best_metric,
+                "best_step": self.state.best_step, **{k: v for k, v in last_metrics.items() if not isinstance(v, list)}}
+
+    def _log_train(self, window: torch.Tensor, steps: int, global_batch: int, grad_norm) -> None:
+        """Reduce the window across ranks and log it (call on every rank)."""
+        w = window.to(self.device)
+        if self.accelerator.num_processes > 1:
+            w = self.accelerator.reduce(w, reduction="sum")
+        loss_sum, micro, wait, elapsed = w.tolist()
+        n = self.accelerator.num_processes
+        data = self.train_loader.stats()
+        metrics = {
+            "train/loss": loss_sum / max(micro, 1),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/images_per_s": global_batch * steps / max(elapsed / n, 1e-9),
+            "train/images_per_s_per_rank": global_batch * steps / max(elapsed / n, 1e-9) / n,
+            "train/data_wait_frac": wait / max(elapsed, 1e-9),
+            "train/grad_norm": float(grad_norm),
+            "train/epoch": self.state.step / self.steps_per_epoch,
+            "data/skipped": data.get("skipped", 0),
+        }
+        if torch.cuda.is_available():
+            metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.tracker.log(metrics, step=self.state.step)
+        if self.is_main:
+            log.info("step %d/%d  loss %.4f  lr %.3g  %.0f img/s  data-wait %.0f%%", self.state.step,
+                     self.total_steps, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_s"],
+                     100 * metrics["train/data_wait_frac"])
+
+    # ---- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Top-1/top-5/loss over every eval set, exact across ranks (call on every rank)."""
+        self.model.eval()
+        metrics: dict[str, Any] = {}
+        for name, loader in self.eval_loaders.items():
+            acc = EvalAccumulator(self.num_classes, self.device)
+            for batch in loader:
+                images, labels = self._to_device(batch)
+                logits = self.model(images)
+                acc.update(logits, labels, batch["mask"].to(self.device))
+            result = acc.compute()
+            prefix = "eval" if name == "val" else f"eval/{name}"
+            for k in ("top1", "top5", "loss", "count"):
+                metrics[f"{prefix}/{k}"] = result[k]
+            metrics[f"{prefix}/per_class_acc"] = result["per_class_acc"]
+            if self.is_main:
+                log.info("eval %s @ step %d: top1 %.2f%%  top5 %.2f%%  loss %.4f  (%d samples)", name,
+                         self.state.step, result["top1"], result["top5"], result["loss"], result["count"])
+        self.tracker.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=self.state.step)
+        return metrics
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self, metric: Optional[float] = None) -> Path:
+        """Checkpoint the current step (call on every rank)."""
+        state = {**self.state.state_dict(), "tracker": self.tracker.state_dict(),
+                 "world_size": self.accelerator.num_processes, "steps_per_epoch": self.steps_per_epoch}
+        path = self.checkpoints.save(self.state.step, model=self.model, optimizer=self.raw_optimizer,
+                                     scheduler=self.scheduler, trainer_state=state,
+                                     loader_state=self.train_loader.state_dict(), config_yaml=self.config_yaml,
+                                     metric=metric)
+        if self.is_main:
+            log.info("saved checkpoint %s", path)
+        self.tracker.log({"checkpoint/step": self.state.step}, step=self.state.step)
+        return path
+
+    def _profiler(self):
+        if not self.cfg.profile:
+            return None
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        out = self.output_dir / "profile"
+        prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                       on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.accelerator.process_index}"))
+        prof.start()
+        return prof

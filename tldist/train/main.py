@@ -1,0 +1,179 @@
+"""The thin entry point: config -> build -> fit -> close.
+
+``run(cfg)`` is what ``tldist train`` calls in every process started by ``accelerate launch``,
+``torchrun`` or a submitit task; it must be called on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tldist.config import JobConfig, format_config
+from tldist.errors import ConfigError
+from tldist.train.checkpoint import CheckpointManager
+from tldist.train.distributed import (
+    apply_fsdp2,
+    build_accelerator,
+    fsdp_block_names,
+    fsdp_requested,
+    world_of,
+)
+from tldist.train.loop import Trainer, TrainerState
+from tldist.train.schedule import build_scheduler
+from tldist.train.tracking import build_tracker
+
+log = logging.getLogger("tldist")
+
+
+def setup_logging(is_main: bool) -> None:
+    """INFO on the main process, warnings only elsewhere."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+
+
+def read_classes(data_cfg) -> list[str]:
+    """The class list training will use: the train manifests' class names merged by name, in order."""
+    from tldist.data.manifest import load_manifest
+
+    classes: list[str] = []
+    for location in data_cfg.train:
+        for name in load_manifest(location).classes:
+            if name not in classes:
+                classes.append(name)
+    return classes
+
+
+def check_num_classes(model_cfg, classes: list[str], source: str) -> int:
+    """``model.num_classes`` (0 = from the manifest) must agree with the manifest."""
+    if model_cfg.num_classes and model_cfg.num_classes != len(classes):
+        raise ConfigError(f"config key 'model.num_classes' is {model_cfg.num_classes} but {source} has "
+                          f"{len(classes)} classes ({', '.join(classes[:5])}{'...' if len(classes) > 5 else ''}); "
+                          "set model.num_classes=0 to take the manifest's count")
+    return len(classes)
+
+
+def build_optimizer(cfg, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW over param groups carrying ``lr_scale``."""
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+
+
+def build(cfg: JobConfig) -> Trainer:
+    """Make every object of a training job from its config (call on every rank)."""
+    from accelerate.utils import set_seed
+
+    from tldist.data.pipeline import build_eval_loader, build_train_loader
+    from tldist.data.transforms import Normalizer
+    from tldist.models.factory import build_model
+    from tldist.models.param_groups import build_param_groups
+    from tldist.models.transfer import apply_transfer
+
+    cfg.validate()
+    accelerator = build_accelerator(cfg.train)
+    world = world_of(accelerator)
+    setup_logging(accelerator.is_main_process)
+    set_seed(cfg.train.seed)
+    output_dir = Path(cfg.output_dir)
+    config_yaml = format_config(cfg)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(config_yaml)
+        log.info("resolved config:\n%s", config_yaml)
+
+    # Data first: the manifests decide the class count and the epoch size.
+    classes = read_classes(cfg.data)
+    num_classes = check_num_classes(cfg.model, classes, f"data.train ({', '.join(cfg.data.train)})")
+    model, info = build_model(cfg.model, num_classes)
+    apply_transfer(model, cfg.transfer, info)
+    image_size = cfg.data.image_size or info.input_size
+    train_loader = build_train_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation)
+    eval_loaders = {}
+    if cfg.data.val:
+        eval_loaders["val"] = build_eval_loader(cfg.data, world, image_size=image_size,
+                                                interpolation=info.interpolation)
+        if eval_loaders["val"].classes != train_loader.classes[: len(eval_loaders["val"].classes)]:
+            raise ConfigError(f"data.val ({cfg.data.val}) has classes {eval_loaders['val'].classes[:5]}... that do "
+                              f"not match the training classes {train_loader.classes[:5]}...; write both splits "
+                              "from the same source")
+
+    # Model placement and wrapping; the optimizer is built on the final (possibly sharded) params.
+    fsdp = fsdp_requested(cfg.train)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(accelerator.device)
+    if fsdp:
+        wrapped = apply_fsdp2(model, fsdp_block_names(cfg.train, info.block_class_names),
+                              mixed_precision=cfg.train.mixed_precision, device_type=accelerator.device.type)
+        log.info("FSDP2: %d sharded blocks (%s...) + root", len(wrapped), ", ".join(wrapped[:3]))
+    accum = cfg.train.grad_accum
+    global_batch = cfg.data.batch_size * world.world_size * accum
+    lr = cfg.optim.lr * global_batch / cfg.optim.lr_ref_batch
+    groups = build_param_groups(model, info, weight_decay=cfg.optim.weight_decay,
+                                layer_decay=cfg.transfer.layer_decay, head_lr_mult=cfg.transfer.head_lr_mult)
+    raw_optimizer = build_optimizer(cfg.optim, groups, lr)
+    if fsdp:
+        optimizer = raw_optimizer
+    else:
+        model, optimizer = accelerator.prepare(model, raw_optimizer)
+
+    steps_per_epoch = max(1, train_loader.steps_per_epoch // accum)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)
+    scheduler = build_scheduler(raw_optimizer, warmup_steps=warmup, total_steps=total_steps,
+                                min_ratio=cfg.optim.min_lr_ratio)
+
+    # Resume: model, optimizer, scheduler, RNG, loader position and tracker run id.
+    checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                    is_main=accelerator.is_main_process)
+    state, run_id = TrainerState(), None
+    resume_from = checkpoints.resolve_resume(cfg.checkpoint.resume)
+    if resume_from is not None:
+        restored = checkpoints.load(resume_from, model=model, optimizer=raw_optimizer, scheduler=scheduler,
+                                    rank=world.rank)
+        state.load_state_dict(restored["trainer"])
+        train_loader.load_state_dict(restored["loader"])
+        run_id = restored["trainer"].get("tracker", {}).get("run_id")
+        log.info("resumed from %s at step %d", resume_from, state.step)
+
+    derived = {"world_size": world.world_size, "global_batch": global_batch, "lr_scaled": lr,
+               "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
+               "num_classes": num_classes, "image_size": image_size, "train_samples": train_loader.num_samples,
+               "fsdp": fsdp, "mixed_precision": cfg.train.mixed_precision}
+    log.info("derived: %s", "  ".join(f"{k}={v}" for k, v in derived.items()))
+    tracker = build_tracker(cfg.tracker, is_main=accelerator.is_main_process,
+                            run_name=cfg.run_name or output_dir.name, output_dir=output_dir,
+                            config={**cfg.to_dict(), "derived": derived, "classes": classes}, run_id=run_id)
+    return Trainer(cfg=cfg.train, ckpt_cfg=cfg.checkpoint, accelerator=accelerator, model=model,
+                   optimizer=optimizer, raw_optimizer=raw_optimizer, scheduler=scheduler,
+                   train_loader=train_loader, eval_loaders=eval_loaders,
+                   normalize=Normalizer(info.mean, info.std, channels_last=cfg.train.channels_last),
+                   tracker=tracker, checkpoints=checkpoints, config_yaml=config_yaml, num_classes=num_classes,
+                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
+                   fsdp=fsdp, output_dir=output_dir, state=state)
+
+
+def run(cfg: JobConfig, on_step=None) -> dict[str, Any]:
+    """Build, fit and close one training job (call on every rank). Returns the final metrics."""
+    trainer = build(cfg)
+    trainer.on_step = on_step
+    try:
+        result = trainer.fit()
+        result["tracker_run_id"] = trainer.tracker.run_id
+        trainer.tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        if trainer.is_main:
+            (trainer.output_dir / "result.json").write_text(json.dumps(result, indent=1))
+            log.info("done: step %d, best top1 %.2f%% (step %d)", result["step"], result["best_top1"],
+                     result["best_step"])
+        return result
+    finally:
+        trainer.tracker.finish()
+        trainer.accelerator.wait_for_everyone()
