@@ -20,7 +20,8 @@
 #   TLDIST_SLURM_START_TIMEOUT=60  seconds to wait for each readiness check
 #   TLDIST_SLURM_FRESH=1           on start, also wipe the accounting database
 #
-# Exit codes: 0 ok, 1 failure, 2 usage, 3 cannot get root (the test fixture skips on 3).
+# Exit codes: 0 ok, 1 failure, 2 usage, 3 cannot get root, 4 packages missing and no apt-get
+# (the test fixture skips on 3 and 4 unless CI=true).
 set -euo pipefail
 
 PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
@@ -36,7 +37,7 @@ die() { log "ERROR: $*"; exit 1; }
 
 case "$CMD" in
   start|stop|restart|status|env) ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
 
 # ---------------------------------------------------------------- privileges
@@ -78,8 +79,8 @@ pid_is_ours() {
   [[ $st == Z || $st == X ]] && return 1
   comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
   [[ $comm == "$name" ]] || return 1
-  if tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$STATE"; then return 0; fi
-  if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qF "$STATE"; then return 0; fi
+  if tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$STATE"; then return 0; fi
+  if tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qF "$STATE"; then return 0; fi
   return 1
 }
 
@@ -111,7 +112,7 @@ stop_daemon() {
 # Spawn a non-daemonizing program in its own session, stdio detached, pid recorded.
 spawn() {
   local name=$1; shift
-  setsid "$@" </dev/null >>"$STATE/log/$name.out" 2>&1 &
+  setsid "$@" </dev/null >>"$STATE/log/$name.out" 2>&1 9>&- &
   echo $! >"$(pidfile "$name")"
 }
 
@@ -124,14 +125,28 @@ dump_logs() {
   done
 }
 
-wait_for() {  # wait_for DESCRIPTION COMMAND...
-  local what=$1; shift
-  local deadline=$((SECONDS + TIMEOUT))
-  until "$@" >/dev/null 2>&1; do
+daemon_died() {  # pid file written (daemons write it after forking) but process gone
+  local f pid
+  f=$(pidfile "$1")
+  [[ -s $f ]] || return 1
+  pid=$(tr -dc '0-9' <"$f")
+  [[ -n $pid ]] || return 1
+  ! pid_is_ours "$pid" "$1"
+}
+
+wait_for() {  # wait_for DESCRIPTION DAEMON|- COMMAND...   (fails fast if DAEMON dies)
+  local what=$1 daemon=$2; shift 2
+  local deadline=$((SECONDS + TIMEOUT)) out
+  until out=$("$@" 2>&1); do
+    if [[ $daemon != - ]] && daemon_died "$daemon"; then
+      log "$daemon exited while waiting for: $what"
+      dump_logs
+      die "cluster did not come up ($what): $out"
+    fi
     if ((SECONDS >= deadline)); then
       log "timed out after ${TIMEOUT}s waiting for: $what"
       dump_logs
-      die "cluster did not come up ($what); state dir: $STATE"
+      die "cluster did not come up ($what): $out"
     fi
     sleep 0.2
   done
@@ -147,7 +162,7 @@ installed() {
 
 install_packages() {
   installed && return 0
-  command -v apt-get >/dev/null || die "packages missing (${PKGS[*]}) and no apt-get"
+  command -v apt-get >/dev/null || { log "packages missing (${PKGS[*]}) and no apt-get"; exit 4; }
   log "installing ${PKGS[*]} ..."
   local t0=$SECONDS policy=/usr/sbin/policy-rc.d own_policy=0
   # Keep package maintainer scripts from starting system-wide munge/mariadb/slurm services.
@@ -190,14 +205,15 @@ choose_ports() {
 }
 
 next_first_job_id() {
-  # Fresh job-id block per cold start (trap: ids restarting at 1 reuse stale submitit folders).
-  # Blocks of 10000 ids; MaxJobId defaults to 67043328.
-  local f=$STATE/jobid-block blk
-  if [[ -s $f ]]; then blk=$(( $(tr -dc '0-9' <"$f") + 1 ))
-  else blk=$(( ($(date +%s) / 60) % 6000 + 1 )); fi
-  ((blk >= 6700)) && blk=1
-  echo "$blk" >"$f"
-  echo $((blk * 10000 + 1))
+  # Fresh job-id block per cold start (trap: ids restarting at 1 make a reused submitit folder
+  # hand back stale result pickles).  100 ids per wall-clock second, wrapping every ~7.7 days;
+  # stays below the default MaxJobId (67043328).  Never goes backwards within a state dir.
+  local f=$STATE/last-first-job-id prev=0 id
+  id=$(( ($(date +%s) % 670000) * 100 + 1 ))
+  [[ -s $f ]] && prev=$(tr -dc '0-9' <"$f")
+  if (( id <= ${prev:-0} && ${prev:-0} < 66990000 )); then id=$(( prev + 10000 )); fi
+  echo "$id" >"$f"
+  echo "$id"
 }
 
 node_name() {
@@ -299,9 +315,9 @@ start_munge() {
   rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"
   munged --force --socket="$MUNGE_SOCK" --key-file="$STATE/munge/munge.key" \
     --pid-file="$(pidfile munged)" --log-file="$STATE/log/munged.log" \
-    --seed-file="$STATE/munge/munge.seed" </dev/null >>"$STATE/log/munged.out" 2>&1 \
+    --seed-file="$STATE/munge/munge.seed" </dev/null >>"$STATE/log/munged.out" 2>&1 9>&- \
     || { dump_logs; die "munged failed to start"; }
-  wait_for "munge socket" bash -c "munge -n -S '$MUNGE_SOCK' | unmunge -S '$MUNGE_SOCK'"
+  wait_for "munge socket" munged bash -c "munge -n -S '$MUNGE_SOCK' | unmunge -S '$MUNGE_SOCK'"
 }
 
 start_mariadb() {
@@ -317,8 +333,8 @@ start_mariadb() {
     --bind-address=127.0.0.1 --port="$DB_PORT" --socket="$DB_SOCK" --skip-name-resolve \
     --pid-file="$STATE/mysql/mariadbd.pid" --log-error="$STATE/log/mariadbd.log" \
     --innodb-buffer-pool-size=32M --innodb-log-file-size=16M --max-connections=50 \
-    --performance-schema=OFF
-  wait_for "mariadb" mariadb-admin --no-defaults -S "$DB_SOCK" -uroot ping
+    --performance-schema=OFF --innodb-lock-wait-timeout=900
+  wait_for "mariadb" mariadbd mariadb-admin --no-defaults -S "$DB_SOCK" -uroot ping
   mariadb --no-defaults -S "$DB_SOCK" -uroot <<EOF || die "could not create the slurm DB user"
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
 ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
@@ -332,17 +348,17 @@ cluster_registered() { sacctmgr -n -P list cluster format=cluster 2>/dev/null | 
 start_slurm() {
   mkdir -p "$STATE/ctld" "$STATE/slurmd"
   # slurmdbd daemonizes itself and finds slurmdbd.conf next to $SLURM_CONF
-  slurmdbd </dev/null >>"$STATE/log/slurmdbd.out" 2>&1 || { dump_logs; die "slurmdbd failed to start"; }
-  wait_for "slurmdbd (sacctmgr)" sacctmgr -n list cluster
+  slurmdbd </dev/null >>"$STATE/log/slurmdbd.out" 2>&1 9>&- || { dump_logs; die "slurmdbd failed to start"; }
+  wait_for "slurmdbd (sacctmgr)" slurmdbd sacctmgr -n list cluster
   cluster_registered || sacctmgr -i add cluster "$CLUSTER" >/dev/null \
     || die "sacctmgr add cluster failed"
   # -c: cold start (ignore saved job state); -i: ignore errors in old state files
-  slurmctld -c -i -f "$CONF" </dev/null >>"$STATE/log/slurmctld.out" 2>&1 \
+  slurmctld -c -i -f "$CONF" </dev/null >>"$STATE/log/slurmctld.out" 2>&1 9>&- \
     || { dump_logs; die "slurmctld failed to start"; }
-  wait_for "slurmctld (scontrol ping)" bash -c "scontrol ping | grep -q UP"
-  slurmd -f "$CONF" -N "$(node_name)" </dev/null >>"$STATE/log/slurmd.out" 2>&1 \
+  wait_for "slurmctld (scontrol ping)" slurmctld bash -c "scontrol ping | grep -q UP"
+  slurmd -f "$CONF" -N "$(node_name)" </dev/null >>"$STATE/log/slurmd.out" 2>&1 9>&- \
     || { dump_logs; die "slurmd failed to start"; }
-  wait_for "node idle (sinfo)" bash -c \
+  wait_for "node idle (sinfo)" slurmd bash -c \
     "sinfo -h -p $PARTITION -o '%T' | grep -qx idle"
 }
 
@@ -421,7 +437,7 @@ do_status() {
 LOCKFILE=$STATE/.lock
 if [[ $CMD == start || $CMD == stop || $CMD == restart ]]; then
   exec 9>"$LOCKFILE"
-  flock -w 300 9 || die "could not lock $LOCKFILE"
+  flock -w 180 9 || die "could not lock $LOCKFILE"
 fi
 
 case "$CMD" in

@@ -66,10 +66,10 @@ def test_train_transform_deterministic_given_rng():
 def test_hflip_and_full_crop_match_resize():
     img = _gradient(32, 32)
     t = build_train_transform(32, (1.0, 1.0), hflip=False)
-    assert torch.equal(t(img, random.Random(1)), torch.from_numpy(np.asarray(img)).permute(2, 0, 1))
+    assert torch.equal(t(img, random.Random(1)), torch.from_numpy(np.array(img)).permute(2, 0, 1))
     flips = build_train_transform(32, (1.0, 1.0), hflip=True)
     outs = [flips(img, random.Random(i)) for i in range(8)]
-    ref = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    ref = torch.from_numpy(np.array(img)).permute(2, 0, 1)
     assert any(torch.equal(o, ref.flip(-1)) for o in outs) and any(torch.equal(o, ref) for o in outs)
 
 

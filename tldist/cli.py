@@ -64,14 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
     p.set_defaults(func=_cmd_demo)
 
-    for extra in ("tldist.export", "tldist.launch"):
-        try:
-            module = __import__(extra + ".cli", fromlist=["add_parsers"])
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith(extra):
-                continue
-            raise
-        module.add_parsers(sub)
+    from tldist import export
+
+    export.add_parsers(sub)
     return parser
 
 

@@ -134,6 +134,8 @@ class TrainConfig:
     """Shard the model with FSDP2 (also turned on by an accelerate config with ``distributed_type: FSDP``)."""
     fsdp_block: str = ""
     """Module class name wrapped as one FSDP unit (e.g. ``BasicBlock``, ``EncoderBlock``); empty picks the model's stages."""
+    trace_samples: bool = False
+    """Append each step's sample keys to ``output_dir/trace/rank<r>.jsonl`` (reproducibility checks)."""
     profile: bool = False
     """Write a torch profiler trace of a few steps to ``output_dir/profile``."""
 

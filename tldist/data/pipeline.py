@@ -88,7 +88,8 @@ class TrainLoader:
         self._states[w] = {"positions": positions, "mix": mix, "read": batch["_read"], "skipped": batch["_skipped"]}
         self._batches += 1
         # -- fault threshold over this rank's workers
-        read, skipped = self.stats()["read"], self.stats()["skipped"]
+        stats = self.stats()
+        read, skipped = stats["read"], stats["skipped"]
         if read >= MIN_READ_FOR_FAULT_CHECK and skipped > self.dataset.max_skip_fraction * read:
             raise skip_error(read, skipped, self.dataset.max_skip_fraction, f"on rank {self.world.rank}")
         return batch

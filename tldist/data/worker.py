@@ -93,9 +93,11 @@ class TrainDataset(IterableDataset):
             self.streams(self.rank * self.workers + w)
 
     def initial_state(self) -> dict[str, Any]:
+        """State of a logical worker that has consumed nothing yet."""
         return {"positions": [0] * len(self.sources), "mix": 0, "read": 0, "skipped": 0}
 
     def streams(self, slot: int) -> list[SlotStream]:
+        """One :class:`SlotStream` per source for ``slot`` (raises ConfigError if a source is too small)."""
         return [SlotStream(src, slot, self.num_slots, seed=self.seed, block_size=self.shuffle_buffer,
                            resampled=self.resampled, source_index=i) for i, src in enumerate(self.sources)]
 
@@ -158,6 +160,7 @@ class EvalDataset(IterableDataset):
         self.num_slots = world_size * self.workers
 
     def slot_batches(self, slot: int) -> int:
+        """Batches the worker playing ``slot`` yields per pass."""
         lo, hi = slot_range(self.source.num_samples, slot, self.num_slots)
         return math.ceil((hi - lo) / self.batch_size)
 

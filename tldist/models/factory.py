@@ -108,15 +108,13 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int) -> t
     native = weights.meta["min_size"][0] if is_vit else _first(getattr(t, "crop_size", 224))
     size = image_size or native
     if is_vit and size % int(cfg.name.rsplit("_", 1)[-1]):
-        raise ConfigError(
-            f"config key 'data.image_size' has bad value {size}: {cfg.name} needs a multiple of its patch size"
-        )
-    kwargs: dict[str, Any] = {"aux_logits": False} if cfg.name in ("googlenet", "inception_v3") else {}
+        raise ConfigError(f"config key 'data.image_size' has bad value {size}: {cfg.name} needs a multiple of its patch size")
+    aux = cfg.name in ("googlenet", "inception_v3")  # built without auxiliary heads
     if cfg.pretrained and not cfg.checkpoint:
         cache = _ensure_cached(cfg.name, weights)
         try:
-            model = tvm.get_model(cfg.name, weights=weights, **kwargs)
-        except Exception as e:
+            model = tvm.get_model(cfg.name, weights=weights)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
             raise UserError(
                 f"cached weights file '{cache}' for model '{cfg.name}' could not be loaded ({e}): "
                 "delete it and run again, or set model.checkpoint=PATH or model.pretrained=false"
@@ -125,11 +123,11 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int) -> t
             state = interpolate_embeddings(size, model.patch_size, model.state_dict())
             model = tvm.get_model(cfg.name, image_size=size)
             model.load_state_dict(state)
+        if aux:
+            model.aux_logits, model.AuxLogits, model.aux1, model.aux2 = False, None, None, None
     else:
-        if is_vit:
-            kwargs["image_size"] = size
-        if cfg.name in ("googlenet", "inception_v3"):
-            kwargs["init_weights"] = True
+        kwargs: dict[str, Any] = {"image_size": size} if is_vit else {}
+        kwargs.update({"aux_logits": False, "init_weights": True} if aux else {})
         model = tvm.get_model(cfg.name, **kwargs)
     head = _torchvision_head(model)
     _replace_head(model, head, num_classes)
@@ -149,10 +147,8 @@ def _weights_member(model_name: str, weights_name: str) -> Any:
     enum = get_model_weights(model_name)
     key = weights_name.rsplit(".", 1)[-1].upper()  # also accept "ResNet50_Weights.IMAGENET1K_V2"
     if key not in enum.__members__:
-        raise ConfigError(
-            f"config key 'model.weights' has bad value {weights_name!r}: {enum.__name__} has "
-            f"{', '.join(enum.__members__)}"
-        )
+        raise ConfigError(f"config key 'model.weights' has bad value {weights_name!r}: {enum.__name__} has "
+                          f"{', '.join(enum.__members__)}")
     return enum[key]
 
 
@@ -252,10 +248,8 @@ def _build_timm(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn
             "for timm pick weights with a tag in the name (model.name=timm:<arch>.<tag>)"
         )
     if not timm.is_model(name):
-        raise ConfigError(
-            f"config key 'model.name' has bad value {cfg.name!r}: unknown timm model"
-            f"{_close(name, timm.list_models(), prefix='timm:')}"
-        )
+        raise ConfigError(f"config key 'model.name' has bad value {cfg.name!r}: unknown timm model"
+                          f"{_close(name, timm.list_models(), prefix='timm:')}")
     pcfg = timm.models.get_pretrained_cfg(name)
     kwargs = {"img_size": image_size} if image_size and pcfg is not None and pcfg.fixed_input_size else {}
     load = cfg.pretrained and not cfg.checkpoint
@@ -309,12 +303,12 @@ def _find_stages(model: nn.Module, head: list[str]) -> list[str]:
 
 
 def _block_names(model: nn.Module) -> list[str]:
-    seen: list[str] = []
-    for m in model.modules():
-        n = type(m).__name__
-        if n in _BLOCK_CLASSES and n not in seen:
-            seen.append(n)
-    return seen
+    """Known block classes in the model, minus those nested inside another one (FSDP2 wraps bottom-up)."""
+    found: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ in _BLOCK_CLASSES:
+            found.setdefault(type(m).__name__, []).append(name)
+    return [c for c, names in found.items() if not any(_under(n, found[o]) for o in found if o != c for n in names)]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -362,10 +356,8 @@ def _read_state(path: Path, info: ModelInfo) -> tuple[dict[str, torch.Tensor], P
         if meta.is_file():
             saved = json.loads(meta.read_text()).get("model")
             if saved and saved != info.name:
-                raise UserError(
-                    f"model.checkpoint '{path}' holds a '{saved}' model ({meta}) but model.name is "
-                    f"'{info.name}': set model.name={saved}"
-                )
+                raise UserError(f"model.checkpoint '{path}' holds a '{saved}' model ({meta}) but model.name is "
+                                f"'{info.name}': set model.name={saved}")
         if not (path / "model.safetensors").is_file():
             raise UserError(
                 f"model.checkpoint directory '{path}' has no model.safetensors: point it at a tldist "
@@ -391,10 +383,8 @@ def _read_state(path: Path, info: ModelInfo) -> tuple[dict[str, torch.Tensor], P
     while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("state_dict", "model")):
         obj = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(
-            f"model.checkpoint '{path}' is not a state dict (name -> tensor), nor a dict with one under "
-            "'state_dict' or 'model'"
-        )
+        raise UserError(f"model.checkpoint '{path}' is not a state dict (name -> tensor), nor a dict with one under "
+                        "'state_dict' or 'model'")
     return {_strip(k): v for k, v in obj.items()}, path
 
 

@@ -8,6 +8,7 @@ of batches on every rank, so no collective can hang on an uneven shard split.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -88,8 +89,6 @@ class Trainer:
     fsdp: bool = False
     output_dir: Path = Path(".")
     state: TrainerState = field(default_factory=TrainerState)
-    on_step: Optional[Callable[[int, dict], None]] = None
-    """Test/diagnostic hook called on the main process after each optimizer step with the batch keys."""
 
     # ---- helpers ---------------------------------------------------------------------------
     @property
@@ -126,6 +125,10 @@ class Trainer:
         accum = self.cfg.grad_accum
         global_batch = self.global_batch
         profiler = self._profiler()
+        trace = None
+        if self.cfg.trace_samples:
+            (self.output_dir / "trace").mkdir(parents=True, exist_ok=True)
+            trace = open(self.output_dir / "trace" / f"rank{self.accelerator.process_index}.jsonl", "a")
         window = torch.zeros(4, dtype=torch.float64)  # loss_sum, micro-batches, data_wait_s, elapsed_s
         window_steps, last_metrics, stopped = 0, {}, False
         tick = time.perf_counter()
@@ -152,9 +155,10 @@ class Trainer:
             window_steps += 1
             if profiler is not None:
                 profiler.step()
-            if self.on_step is not None and self.is_main:
-                self.on_step(self.state.step, {"keys": step_keys})
             step = self.state.step
+            if trace is not None:
+                trace.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
+                trace.flush()
 
             if step % self.cfg.log_every_steps == 0 or step == self.total_steps:
                 window[3] = time.perf_counter() - tick
@@ -181,8 +185,27 @@ class Trainer:
                 break
         if profiler is not None:
             profiler.stop()
+        if trace is not None:
+            trace.close()
         return {"step": self.state.step, "stopped": stopped, "best_top1": self.state.best_metric,
-                "best_step": self.state.best_step, **{k: v for k, v in last_metrics.items() if not isinstance(v, list)}}
+                "best_step": self.state.best_step, **self.consistency(),
+                **{k: v for k, v in last_metrics.items() if not isinstance(v, list)}}
+
+    def consistency(self) -> dict[str, Any]:
+        """World size, whether parameters are sharded (FSDP2 DTensors), and whether all ranks hold
+        identical parameters (DDP) — a guard against "distributed" runs that are really N single runs
+        (call on every rank)."""
+        from torch.distributed.tensor import DTensor
+
+        from tldist.train.checkpoint import gather_objects
+
+        params = list(self.model.parameters())
+        sharded = bool(params) and all(isinstance(p, DTensor) for p in params)
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        checksum = float(sum(p.detach().double().sum() for p in local))
+        sums = gather_objects(checksum)
+        return {"world_size": self.accelerator.num_processes, "sharded_params": sharded,
+                "ranks_agree": None if sharded else all(c == sums[0] for c in sums), "param_checksum": sums[0]}
 
     def _log_train(self, window: torch.Tensor, steps: int, global_batch: int, grad_norm) -> None:
         """Reduce the window across ranks and log it (call on every rank)."""

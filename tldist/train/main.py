@@ -92,7 +92,7 @@ def build(cfg: JobConfig) -> Trainer:
     # Data first: the manifests decide the class count and the epoch size.
     classes = read_classes(cfg.data)
     num_classes = check_num_classes(cfg.model, classes, f"data.train ({', '.join(cfg.data.train)})")
-    model, info = build_model(cfg.model, num_classes)
+    model, info = build_model(cfg.model, num_classes, image_size=cfg.data.image_size)
     apply_transfer(model, cfg.transfer, info)
     image_size = cfg.data.image_size or info.input_size
     train_loader = build_train_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation)
@@ -107,7 +107,7 @@ def build(cfg: JobConfig) -> Trainer:
 
     # Model placement and wrapping; the optimizer is built on the final (possibly sharded) params.
     fsdp = fsdp_requested(cfg.train)
-    if cfg.train.channels_last:
+    if cfg.train.channels_last and not fsdp:  # FSDP2 cannot shard non-contiguous (channels_last) params
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
     if fsdp:
@@ -134,7 +134,7 @@ def build(cfg: JobConfig) -> Trainer:
     # Resume: model, optimizer, scheduler, RNG, loader position and tracker run id.
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                     is_main=accelerator.is_main_process)
-    state, run_id = TrainerState(), None
+    state, run_id = TrainerState(extra={"classes": classes, "image_size": image_size}), None
     resume_from = checkpoints.resolve_resume(cfg.checkpoint.resume)
     if resume_from is not None:
         restored = checkpoints.load(resume_from, model=model, optimizer=raw_optimizer, scheduler=scheduler,
@@ -161,10 +161,9 @@ def build(cfg: JobConfig) -> Trainer:
                    fsdp=fsdp, output_dir=output_dir, state=state)
 
 
-def run(cfg: JobConfig, on_step=None) -> dict[str, Any]:
+def run(cfg: JobConfig) -> dict[str, Any]:
     """Build, fit and close one training job (call on every rank). Returns the final metrics."""
     trainer = build(cfg)
-    trainer.on_step = on_step
     try:
         result = trainer.fit()
         result["tracker_run_id"] = trainer.tracker.run_id

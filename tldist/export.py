@@ -1,0 +1,143 @@
+"""``tldist export`` and ``tldist predict``: a fine-tuned model as one standalone directory.
+
+An export directory holds ``model.safetensors`` (plain state dict) and ``model.json``::
+
+    {"model": "resnet50", "num_classes": 10, "classes": [...],
+     "preprocess": {"image_size": 224, "resize": 256, "mean": [...], "std": [...],
+                    "interpolation": "bilinear"}, "source_checkpoint": "...", "tldist_version": "..."}
+
+so that ``tldist predict`` (or any script with torchvision + safetensors) can rebuild the model and
+its preprocessing without the training config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tldist.errors import UserError
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    """A ``step_*`` dir, or a run's ``checkpoints`` dir / output dir (-> its best, else latest)."""
+    p = Path(path)
+    if (p / "trainer.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / "best.json").is_file() or any(root.glob("step_*")):
+            from tldist.train.checkpoint import CheckpointManager
+
+            mgr = CheckpointManager(root, keep_last=1, is_main=False)
+            found = mgr.best() or mgr.latest()
+            if found is not None:
+                return found
+    raise UserError(f"'{path}' is not a tldist checkpoint (no trainer.json), nor a run directory holding one")
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write ``out_dir/model.safetensors`` + ``model.json`` from a training checkpoint (atomically)."""
+    from tldist import __version__
+    from tldist.config import config_from_dict
+    from tldist.models.factory import build_model
+
+    import yaml
+
+    ckpt = _checkpoint_dir(checkpoint)
+    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    trainer = json.loads((ckpt / "trainer.json").read_text())
+    classes = trainer.get("classes") or []
+    import dataclasses
+
+    model_cfg = dataclasses.replace(cfg.model, checkpoint=str(ckpt), pretrained=True)
+    image_size = trainer.get("image_size") or cfg.data.image_size
+    model, info = build_model(model_cfg, len(classes) or cfg.model.num_classes, image_size=image_size)
+    image_size = image_size or info.input_size
+    meta: dict[str, Any] = {
+        "model": cfg.model.name, "num_classes": len(classes), "classes": classes,
+        "preprocess": {"image_size": image_size, "resize": int(round(image_size / info.crop_pct)), "mean": list(info.mean),
+                       "std": list(info.std), "interpolation": info.interpolation},
+        "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step"), "tldist_version": __version__,
+    }
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild an exported model (eval mode) and its ``model.json``."""
+    from tldist.config import ModelConfig
+    from tldist.models.factory import build_model
+
+    p = Path(path)
+    meta_file = p / "model.json"
+    if not meta_file.is_file():
+        raise UserError(f"'{path}' is not a tldist export (no model.json); create one with 'tldist export'")
+    meta = json.loads(meta_file.read_text())
+    model, _ = build_model(ModelConfig(name=meta["model"], pretrained=True, checkpoint=str(p)), meta["num_classes"],
+                           image_size=meta["preprocess"]["image_size"])
+    return model.eval(), meta
+
+
+@torch.no_grad()
+def predict(export_dir: str | Path, images: list[str], top_k: int = 3) -> list[dict[str, Any]]:
+    """Classify image files with an exported model; returns the top-k (class, probability) per image."""
+    from PIL import Image
+
+    from tldist.data.transforms import Normalizer, build_eval_transform
+
+    model, meta = load_exported(export_dir)
+    pre = meta["preprocess"]
+    transform = build_eval_transform(pre["image_size"], pre["interpolation"])
+    normalize = Normalizer(pre["mean"], pre["std"], channels_last=False)
+    results = []
+    for path in images:
+        try:
+            with Image.open(path) as im:
+                x = transform(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read image '{path}': {e}") from None
+        probs = model(normalize(x[None])).softmax(-1)[0]
+        top = probs.topk(min(top_k, probs.numel()))
+        results.append({"image": path, "top": [(meta["classes"][i] if meta["classes"] else str(i), float(v))
+                                               for v, i in zip(top.values.tolist(), top.indices.tolist())]})
+    return results
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    out = export_model(args.checkpoint, args.out)
+    print(f"exported {out} (model.safetensors + model.json)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    for r in predict(args.model, args.images, args.top_k):
+        print(r["image"] + "  " + "  ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register ``export`` and ``predict`` on the ``tldist`` command."""
+    p = sub.add_parser("export", help="write a fine-tuned model as a standalone directory")
+    p.add_argument("checkpoint", help="checkpoint dir (step_*) or run output dir (uses its best checkpoint)")
+    p.add_argument("out", help="export directory to create")
+    p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("predict", help="classify image files with an exported model")
+    p.add_argument("model", help="export directory from 'tldist export'")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    p.set_defaults(func=_cmd_predict)
