@@ -28,6 +28,9 @@ class DataConfig:
     (brace-expanded; local paths, ``http(s)://`` or ``pipe:`` commands)."""
     val: Optional[str] = None
     """Validation shard set (manifest location); evaluation is skipped when unset."""
+    val_sets: list[str] = field(default_factory=list)
+    """Extra eval shard sets, each scored and logged on its own as ``eval/<name>/top1`` (e.g. the
+    per-dataset val sets of a mixture); ``<name>`` is the set's directory name and its parent's."""
     val_urls: Optional[str] = None
     """Optional shard URL pattern overriding the val manifest's shard locations."""
     batch_size: int = 32

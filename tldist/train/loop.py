@@ -89,6 +89,7 @@ class Trainer:
     fsdp: bool = False
     output_dir: Path = Path(".")
     state: TrainerState = field(default_factory=TrainerState)
+    class_names: list[str] = field(default_factory=list)
 
     # ---- helpers ---------------------------------------------------------------------------
     @property
@@ -236,15 +237,23 @@ class Trainer:
     # ---- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
-        """Top-1/top-5/loss over every eval set, exact across ranks (call on every rank)."""
+        """Top-1/top-5/loss over every eval set, exact across ranks (call on every rank).
+
+        The first eval set's per-class accuracy, confusion matrix and a few sample predictions
+        (from rank 0's first batch) also go to the tracker.
+        """
         self.model.eval()
         metrics: dict[str, Any] = {}
-        for name, loader in self.eval_loaders.items():
+        for i, (name, loader) in enumerate(self.eval_loaders.items()):
             acc = EvalAccumulator(self.num_classes, self.device)
+            samples = None
             for batch in loader:
                 images, labels = self._to_device(batch)
                 logits = self.model(images)
-                acc.update(logits, labels, batch["mask"].to(self.device))
+                mask = batch["mask"].to(self.device)
+                acc.update(logits, labels, mask)
+                if samples is None and i == 0 and self.is_main:
+                    samples = _sample_predictions(batch, logits, self.class_names)
             result = acc.compute()
             prefix = "eval" if name == "val" else f"eval/{name}"
             for k in ("top1", "top5", "loss", "count"):
@@ -253,6 +262,9 @@ class Trainer:
             if self.is_main:
                 log.info("eval %s @ step %d: top1 %.2f%%  top5 %.2f%%  loss %.4f  (%d samples)", name,
                          self.state.step, result["top1"], result["top5"], result["loss"], result["count"])
+                if i == 0:
+                    self.tracker.log_eval_details(prefix, result["per_class_acc"], result["confusion"],
+                                                  self.class_names, samples or [], step=self.state.step)
         self.tracker.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=self.state.step)
         return metrics
 
@@ -281,3 +293,16 @@ class Trainer:
                        on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.accelerator.process_index}"))
         prof.start()
         return prof
+
+
+def _sample_predictions(batch: dict, logits: torch.Tensor, class_names: list[str], limit: int = 8) -> list[dict]:
+    """Up to ``limit`` real (unmasked) samples of a batch with their prediction, for the tracker."""
+    probs = logits.float().softmax(-1).cpu()
+    out = []
+    for j in torch.nonzero(batch["mask"]).flatten().tolist()[:limit]:
+        conf, pred = probs[j].max(0)
+        label = int(batch["label"][j])
+        out.append({"image": batch["image"][j].permute(1, 2, 0).numpy(), "key": batch["key"][j],
+                    "label": class_names[label] if class_names else label,
+                    "pred": class_names[int(pred)] if class_names else int(pred), "confidence": float(conf)})
+    return out

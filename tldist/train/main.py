@@ -26,7 +26,7 @@ from tldist.train.distributed import (
 )
 from tldist.train.loop import Trainer, TrainerState
 from tldist.train.schedule import build_scheduler
-from tldist.train.tracking import build_tracker
+from tldist.train.tracking import build_tracker, run_metadata
 
 log = logging.getLogger("tldist")
 
@@ -47,6 +47,12 @@ def read_classes(data_cfg) -> list[str]:
             if name not in classes:
                 classes.append(name)
     return classes
+
+
+def eval_set_name(location: str) -> str:
+    """``.../digits/val`` -> ``digits/val``: the name an extra eval set is logged under."""
+    parts = [p for p in location.rstrip("/").replace("manifest.json", "").rstrip("/").split("/") if p]
+    return "/".join(parts[-2:])
 
 
 def check_num_classes(model_cfg, classes: list[str], source: str) -> int:
@@ -97,13 +103,11 @@ def build(cfg: JobConfig) -> Trainer:
     image_size = cfg.data.image_size or info.input_size
     train_loader = build_train_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation)
     eval_loaders = {}
-    if cfg.data.val:
-        eval_loaders["val"] = build_eval_loader(cfg.data, world, image_size=image_size,
-                                                interpolation=info.interpolation)
-        if eval_loaders["val"].classes != train_loader.classes[: len(eval_loaders["val"].classes)]:
-            raise ConfigError(f"data.val ({cfg.data.val}) has classes {eval_loaders['val'].classes[:5]}... that do "
-                              f"not match the training classes {train_loader.classes[:5]}...; write both splits "
-                              "from the same source")
+    val_sets = ([("val", cfg.data.val)] if cfg.data.val else []) + [(eval_set_name(v), v) for v in cfg.data.val_sets]
+    for name, location in val_sets:
+        # Val labels are remapped by class name onto the training classes.
+        eval_loaders[name] = build_eval_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation,
+                                               location=location, classes=train_loader.classes)
 
     # Model placement and wrapping; the optimizer is built on the final (possibly sharded) params.
     fsdp = fsdp_requested(cfg.train)
@@ -149,16 +153,18 @@ def build(cfg: JobConfig) -> Trainer:
                "num_classes": num_classes, "image_size": image_size, "train_samples": train_loader.num_samples,
                "fsdp": fsdp, "mixed_precision": cfg.train.mixed_precision}
     log.info("derived: %s", "  ".join(f"{k}={v}" for k, v in derived.items()))
+    metadata = {"derived": derived, "classes": classes, "data_sources": train_loader.state_dict()["sources"],
+                 **run_metadata()}
     tracker = build_tracker(cfg.tracker, is_main=accelerator.is_main_process,
                             run_name=cfg.run_name or output_dir.name, output_dir=output_dir,
-                            config={**cfg.to_dict(), "derived": derived, "classes": classes}, run_id=run_id)
+                            config={**cfg.to_dict(), **metadata}, run_id=run_id)
     return Trainer(cfg=cfg.train, ckpt_cfg=cfg.checkpoint, accelerator=accelerator, model=model,
                    optimizer=optimizer, raw_optimizer=raw_optimizer, scheduler=scheduler,
                    train_loader=train_loader, eval_loaders=eval_loaders,
                    normalize=Normalizer(info.mean, info.std, channels_last=cfg.train.channels_last),
                    tracker=tracker, checkpoints=checkpoints, config_yaml=config_yaml, num_classes=num_classes,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
-                   fsdp=fsdp, output_dir=output_dir, state=state)
+                   fsdp=fsdp, output_dir=output_dir, state=state, class_names=classes)
 
 
 def run(cfg: JobConfig) -> dict[str, Any]:
