@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -16,6 +18,23 @@ os.environ.setdefault("WANDB_SILENT", "true")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session-scoped dev SLURM cluster)
+
+
+@contextlib.contextmanager
+def serve_http(directory: Path) -> Iterator[str]:
+    """A real HTTP server on loopback serving ``directory`` (in a thread); yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    quiet = type("QuietHandler", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def tiny_image(label: int, rng: np.random.Generator, size: int = 16, fmt: str = "PNG") -> bytes:

@@ -70,3 +70,39 @@ def test_write_demo_shards_and_reuse(tmp_path):
     assert changed["target/train"].num_samples == len(digits_indices("train"))
     rewritten = {p for p in tmp_path.rglob("*.tar") if stamps.get(p) != p.stat().st_mtime_ns}
     assert rewritten and all("target/train" in p.as_posix() for p in rewritten)
+
+
+def _keys(manifest_dir) -> set[str]:
+    from tldist.data.manifest import resolve_shard_urls
+    from tldist.data.stream import read_shard
+
+    m = load_manifest(manifest_dir)
+    return {rec.key for url, s in zip(resolve_shard_urls(m), m.shards) for rec in read_shard(url, 0, s.num_samples)}
+
+
+def test_unlabelled_and_shifted_splits(tmp_path):
+    out = write_demo_shards(tmp_path, source_per_class=2, source_val_per_class=1, label_fraction=0.2, unlabelled=True,
+                            shifted_styles=["invert", "color+blur"], train_shards=3, val_shards=1)
+    assert set(out) == {"source/train", "source/val", "target/train", "target/val", "target/unlabelled",
+                        "shifted/invert/train", "shifted/invert/val", "shifted/color+blur/train",
+                        "shifted/color+blur/val"}
+    labelled, unlabelled = _keys(tmp_path / "target/train"), _keys(tmp_path / "target/unlabelled")
+    full = {f"d{i:05d}" for i in digits_indices("train")}
+    assert not labelled & unlabelled and labelled | unlabelled == full  # the 80% that label_fraction dropped
+    assert out["target/unlabelled"].meta["true_labels"] is True and "true_labels" not in out["target/train"].meta
+    assert out["target/unlabelled"].classes == DIGITS and len(out["target/unlabelled"].shards) == 3
+    for style in ("invert", "color+blur"):
+        assert _keys(tmp_path / f"shifted/{style}/train") == full  # the whole train split, restyled
+        assert _keys(tmp_path / f"shifted/{style}/val") == {f"d{i:05d}" for i in digits_indices("val")}
+    assert digits_indices("unlabelled", label_fraction=1.0) == []
+    # a combination applies every part: color+blur is coloured and differs from color alone
+    plain = pixels(next(iter(digits_samples("val")[1])))
+    combo = pixels(next(iter(digits_samples("val", style="color+blur")[1])))
+    assert combo.shape == (32, 32, 3) and not (combo[..., 0] == combo[..., 1]).all()  # coloured
+    assert not np.array_equal(combo, pixels(next(iter(digits_samples("val", style="color")[1]))))  # and blurred
+    assert np.array_equal(pixels(next(iter(digits_samples("val", style="invert")[1]))), 255 - plain)
+    with pytest.raises(ConfigError, match="label_fraction < 1"):
+        write_demo_shards(tmp_path / "x", label_fraction=1.0, unlabelled=True)
+    for bad in ("sepia+blur", "blur+blur"):
+        with pytest.raises(ConfigError, match="style"):
+            write_demo_shards(tmp_path / "y", shifted_styles=[bad])

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import io
 import shutil
 import tarfile
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +12,8 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+
+from conftest import serve_http
 
 from tldist.config import DataConfig
 from tldist.data.manifest import Manifest, ShardInfo
@@ -86,13 +85,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http_root(data):
-    handler = functools.partial(type("Quiet", (http.server.SimpleHTTPRequestHandler,),
-                                     {"log_message": lambda *a: None}), directory=str(data["root"]))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serve_http(data["root"]) as url:
+        yield url
 
 
 @pytest.mark.parametrize("resampled", [False, True])

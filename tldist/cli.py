@@ -67,11 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     from tldist import export
 
     export.add_parsers(sub)
+    from tldist.compress.cli import add_parsers as add_compress_parsers
+
+    add_compress_parsers(sub)
+    from tldist.launch import add_parsers as add_launch_parsers
+
+    add_launch_parsers(sub)
+    from tldist.adapt import cli as adapt_cli
+
+    adapt_cli.add_parsers(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return dispatch(build_parser(), argv)
+
+
+def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; a :class:`UserError` becomes one line, exit 2.
+
+    Shared by every stand-alone entry point (``python -m tldist.launch``, ``tldist.adapt.cli``...).
+    """
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as e:

@@ -73,6 +73,9 @@ class ModelConfig:
     """Local checkpoint (state dict, tldist checkpoint or export) to initialise the backbone from."""
     num_classes: int = 0
     """Classes of the new head; 0 means the count in the training manifest."""
+    heads: str = "merged"
+    """``merged``: one head over the train sets' class names merged by name; ``separate``: one head per
+    ``data.train`` entry (multi-task; see :mod:`tldist.train.multitask`), ``data.val_sets[i]`` scored with head i."""
 
 
 @dataclass
@@ -125,6 +128,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    task_weights: list[float] = field(default_factory=list)
+    """Loss weight per ``data.train`` entry with ``model.heads=separate``; empty means all 1."""
     eval_every_steps: int = 0
     """Evaluate every N optimizer steps; 0 means once per epoch."""
     log_every_steps: int = 10
@@ -204,6 +209,19 @@ class JobConfig:
         _choice("data.decode", d.decode, ("pil", "torchvision"))
         if not 0 <= d.max_skip_fraction < 1:
             _bad("data.max_skip_fraction", d.max_skip_fraction, "use a fraction in [0, 1)")
+        _choice("model.heads", self.model.heads, ("merged", "separate"))
+        if self.model.heads == "separate":
+            if d.val:
+                _bad("data.val", d.val, "with model.heads=separate list one val set per data.train entry in "
+                     "data.val_sets instead (each is scored with its own head)")
+            if d.val_sets and len(d.val_sets) != len(d.train):
+                _bad("data.val_sets", d.val_sets, f"with model.heads=separate give one per data.train entry "
+                     f"({len(d.train)}), in the same order")
+        if t.task_weights and (self.model.heads != "separate" or len(t.task_weights) != len(d.train)):
+            _bad("train.task_weights", t.task_weights, f"needs model.heads=separate and one weight per data.train "
+                 f"entry ({len(d.train)})")
+        if any(w <= 0 for w in t.task_weights):
+            _bad("train.task_weights", t.task_weights, "weights must be > 0")
         _choice("transfer.strategy", self.transfer.strategy, ("linear_probe", "full", "last_n"))
         _positive("transfer.last_n", self.transfer.last_n)
         if not 0 < self.transfer.layer_decay <= 1:

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -65,16 +65,29 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
                        "std": list(info.std), "interpolation": info.interpolation},
         "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step"), "tldist_version": __version__,
     }
+    return write_export(model, meta, out_dir)
+
+
+def write_export(model: Any, meta: dict[str, Any], out_dir: str | os.PathLike,
+                 extra: Optional[dict[str, Any]] = None) -> Path:
+    """Write an export directory atomically: ``model.safetensors``, ``model.json`` (``meta``) and one
+    JSON file per entry of ``extra`` (reports). An older directory at ``out_dir`` is replaced."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        for name, content in {"model.json": meta, **(extra or {})}.items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from tldist.errors import ConfigError, DataError, UserError
+from tldist.export import write_export  # noqa: F401  (re-exported for the subcommands)
 
 T = TypeVar("T")
 
@@ -78,26 +77,6 @@ def load_model(path: str | os.PathLike, flag: str = "--model") -> LoadedModel:
                            "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation},
             "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step")}
     return LoadedModel(model.eval(), meta, str(ckpt.resolve()), "checkpoint")
-
-
-def write_export(model: Any, meta: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` atomically (same format as ``tldist export``)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(tmp / "model.safetensors"))
-        (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def check_out_dir(out: str | os.PathLike, inputs: dict[str, str], flag: str = "--out") -> None:

@@ -6,11 +6,16 @@
 * Target domain: scikit-learn's ``load_digits()`` handwriting (8x8, shipped with the
   package) upscaled bilinearly to 32x32 RGB PNG, with a seeded stratified train/val split
   and an optional stratified ``label_fraction`` of the train labels (low-label transfer).
-* ``style`` shifts a domain deterministically (``invert``, ``color``, ``blur``, ``noise``)
-  for domain-adaptation experiments.
+* ``style`` shifts a domain deterministically (``invert``, ``color``, ``blur``, ``noise``, or a
+  ``+``-joined combination such as ``color+blur``) for domain-adaptation experiments.
+* The ``unlabelled`` digits split is the part of the train split that ``label_fraction`` drops:
+  for semi-supervised work (pseudo-labelling). Its shards still store the *true* labels
+  (manifest ``meta.true_labels = true``), only so that the precision of pseudo-labels can be
+  measured; nothing may train on them as labels.
 
-:func:`write_demo_shards` writes ``source/{train,val}`` and ``target/{train,val}`` shard sets
-and skips any set whose manifest already records the same parameters.
+:func:`write_demo_shards` writes ``source/{train,val}`` and ``target/{train,val}`` shard sets (plus,
+on request, ``target/unlabelled`` and ``shifted/<style>/{train,val}``) and skips any set whose
+manifest already records the same parameters.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import math
 import zlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -58,26 +63,36 @@ def _glyph_height(letter: str, stroke: int) -> int:
     return max(1, bbox[3] - bbox[1]) if bbox else 1
 
 
-def _check_style(style: Optional[str]) -> None:
-    if style and style not in STYLES:
-        raise ConfigError(f"demo style '{style}' is unknown; use one of {', '.join(STYLES)} or none")
+def _check_style(style: Optional[str]) -> list[str]:
+    """The parts of ``style`` (``"color+blur"`` -> ``["color", "blur"]``); raises ConfigError if unknown."""
+    parts = style.split("+") if style else []
+    if any(p not in STYLES for p in parts) or len(set(parts)) != len(parts):
+        raise ConfigError(f"demo style '{style}' is unknown; use one of {', '.join(STYLES)}, a '+'-joined "
+                          "combination of different ones (e.g. color+blur), or none")
+    return parts
 
 
 def apply_style(gray: np.ndarray, style: Optional[str], rng: np.random.Generator) -> np.ndarray:
-    """Turn a HxW uint8 gray image into HxWx3 uint8 RGB, shifted by ``style`` (None: plain gray)."""
+    """Turn a HxW uint8 gray image into HxWx3 uint8 RGB, shifted by ``style`` (None: plain gray).
+
+    A combination applies its gray-level parts (invert, blur, noise) in the order given, then
+    ``color`` (a random per-image colour ramp) last.
+    """
     from PIL import Image, ImageFilter
 
-    _check_style(style)
+    parts = _check_style(style)
     x = gray.astype(np.float32)
-    if style == "invert":
-        x = 255.0 - x
-    elif style == "blur":
-        x = np.asarray(Image.fromarray(gray).filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float32)
-    elif style == "noise":
-        x = x + rng.normal(0.0, 30.0, x.shape)
-    if style == "color":
+    for part in parts:
+        if part == "invert":
+            x = 255.0 - x
+        elif part == "blur":
+            g = np.clip(x + 0.5, 0, 255).astype(np.uint8)  # == gray when blur comes first
+            x = np.asarray(Image.fromarray(g).filter(ImageFilter.GaussianBlur(1.2)), dtype=np.float32)
+        elif part == "noise":
+            x = x + rng.normal(0.0, 30.0, x.shape)
+    if "color" in parts:
         lo, hi = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        rgb = lo + (hi - lo) * (x[..., None] / 255.0)
+        rgb = lo + (hi - lo) * (np.clip(x, 0, 255)[..., None] / 255.0)
     else:
         rgb = np.repeat(x[..., None], 3, axis=2)
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
@@ -140,9 +155,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_indices(split: str, *, seed: int = 0, val_fraction: float = 0.3, label_fraction: float = 1.0) -> list[int]:
-    """Indices into ``load_digits()`` for ``split`` ('train'/'val'), stratified and seeded."""
-    if split not in ("train", "val"):
-        raise ConfigError(f"digits split must be 'train' or 'val', got '{split}'")
+    """Indices into ``load_digits()`` for ``split``, stratified and seeded.
+
+    ``train`` keeps a stratified ``label_fraction`` of the train split; ``unlabelled`` is the rest
+    of the train split (empty when ``label_fraction`` is 1); ``val`` ignores ``label_fraction``.
+    """
+    if split not in ("train", "val", "unlabelled"):
+        raise ConfigError(f"digits split must be 'train', 'val' or 'unlabelled', got '{split}'")
     if not 0.0 < label_fraction <= 1.0:
         raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
     labels = _digits()[1]
@@ -150,14 +169,17 @@ def digits_indices(split: str, *, seed: int = 0, val_fraction: float = 0.3, labe
     if split == "val":
         return val
     if label_fraction < 1.0:
-        _, kept = stratified_split(labels[train], label_fraction, seed + 1)
-        train = [train[j] for j in kept]
-    return train
+        dropped, kept = stratified_split(labels[train], label_fraction, seed + 1)
+        return [train[j] for j in (dropped if split == "unlabelled" else kept)]
+    return [] if split == "unlabelled" else train
 
 
 def digits_samples(split: str, *, seed: int = 0, val_fraction: float = 0.3, label_fraction: float = 1.0,
                    style: Optional[str] = None) -> tuple[list[str], SampleSource]:
-    """scikit-learn handwritten digits upscaled to 32x32 RGB PNG (see :func:`digits_indices`)."""
+    """scikit-learn handwritten digits upscaled to 32x32 RGB PNG (see :func:`digits_indices`).
+
+    Every sample carries its true label, the ``unlabelled`` split's included (see the module docstring).
+    """
     from PIL import Image
 
     _check_style(style)
@@ -190,15 +212,25 @@ def _cached(out: Path, params: dict) -> Optional[Manifest]:
 def write_demo_shards(out_dir: str | Path, *, source_per_class: int = 200, source_val_per_class: int = 40,
                       seed: int = 0, val_fraction: float = 0.3, label_fraction: float = 1.0,
                       source_style: Optional[str] = None, target_style: Optional[str] = None,
-                      train_shards: int = 8, val_shards: int = 2, force: bool = False) -> dict[str, Manifest]:
+                      train_shards: int = 8, val_shards: int = 2, force: bool = False, unlabelled: bool = False,
+                      shifted_styles: Sequence[str] = ()) -> dict[str, Manifest]:
     """Write the demo shard sets under ``out_dir``: ``source/train``, ``source/val``, ``target/train``, ``target/val``.
 
-    Train sets get ``train_shards`` shards and val sets ``val_shards`` (fewer when there are
+    With ``unlabelled`` (needs ``label_fraction < 1``) also ``target/unlabelled``: the train digits
+    that ``label_fraction`` dropped, true labels kept for measurement only (``meta.true_labels``).
+    Each style of ``shifted_styles`` (e.g. ``invert``, ``color+blur``) adds ``shifted/<style>/train``
+    (the whole digits train split in that style, for label-free adaptation) and ``shifted/<style>/val``.
+    Train-like sets get ``train_shards`` shards and val sets ``val_shards`` (fewer when there are
     fewer samples). A set whose manifest already records the same parameters is reused
     unless ``force``. Returns ``{'source/train': Manifest, ...}``.
     """
     if train_shards < 1 or val_shards < 1:
         raise ConfigError(f"train_shards and val_shards must be >= 1, got {train_shards} and {val_shards}")
+    if unlabelled and label_fraction >= 1.0:
+        raise ConfigError(f"an unlabelled digits split needs label_fraction < 1 (got {label_fraction}): it holds "
+                          "the train samples whose labels label_fraction drops")
+    for style in shifted_styles:
+        _check_style(style)
     out_dir = Path(out_dir)
     plans = {
         "source/train": lambda: letters_samples(source_per_class, seed=seed, split="train", style=source_style),
@@ -207,16 +239,27 @@ def write_demo_shards(out_dir: str | Path, *, source_per_class: int = 200, sourc
                                                label_fraction=label_fraction, style=target_style),
         "target/val": lambda: digits_samples("val", seed=seed, val_fraction=val_fraction, style=target_style),
     }
+    if unlabelled:
+        plans["target/unlabelled"] = lambda: digits_samples("unlabelled", seed=seed, val_fraction=val_fraction,
+                                                            label_fraction=label_fraction, style=target_style)
+    for style in shifted_styles:
+        for split in ("train", "val"):
+            plans[f"shifted/{style}/{split}"] = (lambda split=split, style=style: digits_samples(
+                split, seed=seed, val_fraction=val_fraction, style=style))
     result: dict[str, Manifest] = {}
     for name, make in plans.items():
         classes, samples = make()
-        split = name.split("/")[1]
+        split = name.rsplit("/", 1)[1]
         params = {"version": DEMO_VERSION, "set": name, **samples.info,
-                  "shards": train_shards if split == "train" else val_shards}
+                  "shards": val_shards if split == "val" else train_shards}
         cached = None if force else _cached(out_dir / name, params)
         if cached is not None:
             result[name] = cached
             continue
+        meta: dict = {"demo": params}
+        if split == "unlabelled":
+            meta.update(true_labels=True, note="true labels kept only to measure pseudo-label precision; "
+                                               "never train on them as labels")
         result[name] = write_shards(samples, out_dir / name, split, classes, max_count=None, max_size=None,
-                                    min_shards=params["shards"], check="none", meta={"demo": params})
+                                    min_shards=params["shards"], check="none", meta=meta)
     return result

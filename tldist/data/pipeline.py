@@ -21,6 +21,7 @@ IterableDataset a second time. Normalize batches in the training process with
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Iterator, Optional
 
 import torch
@@ -39,10 +40,37 @@ log = logging.getLogger("tldist.data")
 STATE_VERSION = 1
 
 
+SIGTERM_GRACE_S = 15.0
+"""How long a loader worker keeps serving after SIGTERM (see :func:`_defer_sigterm`)."""
+
+
+def _defer_sigterm(_worker_id: int) -> None:
+    """Loader workers outlive a SIGTERM by :data:`SIGTERM_GRACE_S` seconds, then exit quietly.
+
+    On preemption SLURM signals every process of the job at once; a worker dying at once would
+    crash the training process before it finishes its step and checkpoints. The grace is bounded
+    so that a parent which really wants its workers gone (multiprocessing's exit handler
+    terminates and then joins them) is not blocked for long; exit status 0 keeps torch's
+    worker-failure check from raising in the parent.
+    """
+    import signal
+    import threading
+
+    def later(_signum, _frame) -> None:
+        threading.Timer(SIGTERM_GRACE_S, os._exit, args=(0,)).start()
+
+    signal.signal(signal.SIGTERM, later)
+
+
 def _make_dataloader(dataset, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
+    # A private generator: creating an iterator must not draw from the global torch RNG, or a
+    # resumed run's dropout/augmentation draws would shift against the uninterrupted run's. The
+    # workers' sample order does not depend on it (each stream is seeded from data.seed).
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       pin_memory=pin_memory and torch.cuda.is_available(),
-                      prefetch_factor=prefetch_factor if num_workers > 0 else None, in_order=True)
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None, in_order=True,
+                      worker_init_fn=_defer_sigterm if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(0))
 
 
 class TrainLoader:

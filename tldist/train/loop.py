@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import math
 import threading
 import time
@@ -38,6 +39,15 @@ def request_stop() -> None:
     flag with an all-reduce before acting on it.
     """
     _STOP.set()
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    """A tqdm bar of optimizer steps on the main process when stderr is a terminal (log files get
+    the periodic log lines only); a disabled bar elsewhere."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 @dataclass
@@ -90,6 +100,8 @@ class Trainer:
     output_dir: Path = Path(".")
     state: TrainerState = field(default_factory=TrainerState)
     class_names: list[str] = field(default_factory=list)
+    tasks: Any = None
+    """:class:`tldist.train.multitask.TaskHeads` with ``model.heads=separate`` (per-task loss and eval), else None."""
 
     # ---- helpers ---------------------------------------------------------------------------
     @property
@@ -132,6 +144,7 @@ class Trainer:
             trace = open(self.output_dir / "trace" / f"rank{self.accelerator.process_index}.jsonl", "a")
         window = torch.zeros(4, dtype=torch.float64)  # loss_sum, micro-batches, data_wait_s, elapsed_s
         window_steps, last_metrics, stopped = 0, {}, False
+        bar = _progress_bar(self.is_main, self.state.step, self.total_steps)
         tick = time.perf_counter()
         self.model.train()
         while self.state.step < self.total_steps:
@@ -143,7 +156,9 @@ class Trainer:
                 step_keys.extend(batch.get("key", []))
                 images, labels = self._to_device(batch)
                 with self._sync_context(micro == accum - 1):
-                    loss = criterion(self.model(images), labels)
+                    logits = self.model(images)
+                    loss = criterion(logits, labels) if self.tasks is None else self.tasks.loss(
+                        logits, labels, batch["source"], self.cfg.label_smoothing)
                     self.accelerator.backward(loss / accum)
                 window[0] += loss.detach().float().item()
                 window[1] += 1
@@ -152,6 +167,7 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
+            bar.update(1)
             self.state.images_seen += global_batch
             window_steps += 1
             if profiler is not None:
@@ -184,13 +200,26 @@ class Trainer:
             if stopped:
                 self.tracker.mark_preempting()
                 break
+        bar.close()
         if profiler is not None:
             profiler.stop()
         if trace is not None:
             trace.close()
+        data = self._data_totals()
         return {"step": self.state.step, "stopped": stopped, "best_top1": self.state.best_metric,
-                "best_step": self.state.best_step, **self.consistency(),
+                "best_step": self.state.best_step, "data_read": data["read"], "data_skipped": data["skipped"],
+                **self.consistency(),
                 **{k: v for k, v in last_metrics.items() if not isinstance(v, list)}}
+
+    def _data_totals(self) -> dict[str, int]:
+        """Train samples read and skipped (corrupt, truncated, unreachable), summed over ranks and
+        cumulative over resumes (call on every rank)."""
+        stats = self.train_loader.stats()
+        t = torch.tensor([stats.get("read", 0), stats.get("skipped", 0)], dtype=torch.float64, device=self.device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        read, skipped = (int(v) for v in t.tolist())
+        return {"read": read, "skipped": skipped}
 
     def consistency(self) -> dict[str, Any]:
         """World size, whether parameters are sharded (FSDP2 DTensors), and whether all ranks hold
@@ -215,7 +244,7 @@ class Trainer:
             w = self.accelerator.reduce(w, reduction="sum")
         loss_sum, micro, wait, elapsed = w.tolist()
         n = self.accelerator.num_processes
-        data = self.train_loader.stats()
+        data = self._data_totals()
         metrics = {
             "train/loss": loss_sum / max(micro, 1),
             "train/lr": self.scheduler.get_last_lr()[0],
@@ -224,7 +253,8 @@ class Trainer:
             "train/data_wait_frac": wait / max(elapsed, 1e-9),
             "train/grad_norm": float(grad_norm),
             "train/epoch": self.state.step / self.steps_per_epoch,
-            "data/skipped": data.get("skipped", 0),
+            "data/read": data["read"],
+            "data/skipped": data["skipped"],
         }
         if torch.cuda.is_available():
             metrics["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -245,15 +275,16 @@ class Trainer:
         self.model.eval()
         metrics: dict[str, Any] = {}
         for i, (name, loader) in enumerate(self.eval_loaders.items()):
-            acc = EvalAccumulator(self.num_classes, self.device)
+            lo, hi = self.tasks.eval_span(name) if self.tasks is not None else (0, self.num_classes)
+            acc = EvalAccumulator(hi - lo, self.device)
             samples = None
             for batch in loader:
                 images, labels = self._to_device(batch)
-                logits = self.model(images)
+                logits = self.model(images)[:, lo:hi]  # with separate heads: this set's task head
                 mask = batch["mask"].to(self.device)
                 acc.update(logits, labels, mask)
                 if samples is None and i == 0 and self.is_main:
-                    samples = _sample_predictions(batch, logits, self.class_names)
+                    samples = _sample_predictions(batch, logits, self.class_names[lo:hi])
             result = acc.compute()
             prefix = "eval" if name == "val" else f"eval/{name}"
             for k in ("top1", "top5", "loss", "count"):
@@ -264,7 +295,9 @@ class Trainer:
                          self.state.step, result["top1"], result["top5"], result["loss"], result["count"])
                 if i == 0:
                     self.tracker.log_eval_details(prefix, result["per_class_acc"], result["confusion"],
-                                                  self.class_names, samples or [], step=self.state.step)
+                                                  self.class_names[lo:hi], samples or [], step=self.state.step)
+        if self.tasks is not None and self.eval_loaders:  # the headline metric: mean over the tasks' heads
+            metrics["eval/top1"] = sum(metrics[f"eval/{n}/top1"] for n in self.eval_loaders) / len(self.eval_loaders)
         self.tracker.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=self.state.step)
         return metrics
 

@@ -96,7 +96,12 @@ def build(cfg: JobConfig) -> Trainer:
         log.info("resolved config:\n%s", config_yaml)
 
     # Data first: the manifests decide the class count and the epoch size.
-    classes = read_classes(cfg.data)
+    tasks = None
+    if cfg.model.heads == "separate":  # multi-task: one head (output slice) per data.train entry
+        from tldist.train.multitask import build_task_heads
+
+        tasks = build_task_heads(cfg.data, cfg.train.task_weights)
+    classes = tasks.classes if tasks is not None else read_classes(cfg.data)
     num_classes = check_num_classes(cfg.model, classes, f"data.train ({', '.join(cfg.data.train)})")
     model, info = build_model(cfg.model, num_classes, image_size=cfg.data.image_size)
     apply_transfer(model, cfg.transfer, info)
@@ -104,10 +109,11 @@ def build(cfg: JobConfig) -> Trainer:
     train_loader = build_train_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation)
     eval_loaders = {}
     val_sets = ([("val", cfg.data.val)] if cfg.data.val else []) + [(eval_set_name(v), v) for v in cfg.data.val_sets]
-    for name, location in val_sets:
+    for i, (name, location) in enumerate(val_sets):
         # Val labels are remapped by class name onto the training classes.
         eval_loaders[name] = build_eval_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation,
-                                               location=location, classes=train_loader.classes)
+                                               location=location,
+                                               classes=tasks.bind_eval(name, i) if tasks else train_loader.classes)
 
     # Model placement and wrapping; the optimizer is built on the final (possibly sharded) params.
     fsdp = fsdp_requested(cfg.train)
@@ -138,7 +144,8 @@ def build(cfg: JobConfig) -> Trainer:
     # Resume: model, optimizer, scheduler, RNG, loader position and tracker run id.
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                     is_main=accelerator.is_main_process)
-    state, run_id = TrainerState(extra={"classes": classes, "image_size": image_size}), None
+    state, run_id = TrainerState(extra={"classes": classes, "image_size": image_size,
+                                        **({"tasks": tasks.state()} if tasks else {})}), None
     resume_from = checkpoints.resolve_resume(cfg.checkpoint.resume)
     if resume_from is not None:
         restored = checkpoints.load(resume_from, model=model, optimizer=raw_optimizer, scheduler=scheduler,
@@ -164,7 +171,7 @@ def build(cfg: JobConfig) -> Trainer:
                    normalize=Normalizer(info.mean, info.std, channels_last=cfg.train.channels_last),
                    tracker=tracker, checkpoints=checkpoints, config_yaml=config_yaml, num_classes=num_classes,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
-                   fsdp=fsdp, output_dir=output_dir, state=state, class_names=classes)
+                   fsdp=fsdp, output_dir=output_dir, state=state, class_names=classes, tasks=tasks)
 
 
 def run(cfg: JobConfig) -> dict[str, Any]:

@@ -58,7 +58,9 @@ class WandbTracker(Tracker):
             run_id = json.loads(id_file.read_text()).get("run_id")
         self.run_id = run_id or uuid.uuid4().hex[:12]
         output_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(json.dumps({"run_id": self.run_id}))
+        tmp = id_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"run_id": self.run_id}))
+        os.replace(tmp, id_file)
         mode = os.environ.get("WANDB_MODE", cfg.mode)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
                               name=run_name, id=self.run_id, resume="allow", mode=mode, dir=str(output_dir),

@@ -1,0 +1,396 @@
+"""tldist.launch: submit/sweep/status/cancel, the in-job rendezvous and preemption requeue.
+
+The fast tests need no cluster. The ``slurm`` tests submit real jobs to the dev cluster
+(``slurm/dev-cluster.sh``, fixture in ``tests/slurm_cluster.py``): 2 CPU tasks over gloo on one node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO
+
+CONFIG = "configs/test_tiny.yaml"
+TOTAL_STEPS = 40
+TRAIN = [  # the same run for the reference job and the preempted one
+    "model.pretrained=false", "data.image_size=16", "data.batch_size=8", "data.num_workers=1",
+    "data.shuffle_buffer=64", "data.hflip=false", "optim.lr=0.05", "optim.lr_ref_batch=16",
+    "train.log_every_steps=5", f"train.max_steps={TOTAL_STEPS}", "train.trace_samples=true",
+    "checkpoint.every_steps=4", "checkpoint.keep_last=2",
+]
+
+
+def overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.train=[{shards}/train]", f"data.val={shards}/val", f"output_dir={out}", *TRAIN, *extra]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tldist.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def read_trace(out: Path, rank: int) -> dict[int, list[str]]:
+    steps: dict[int, list[str]] = {}
+    for line in (out / "trace" / f"rank{rank}.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        steps[rec["step"]] = rec["keys"]  # a step re-done after a resume: the last one wins
+    return steps
+
+
+def trace_len(out: Path) -> int:
+    f = out / "trace" / "rank0.jsonl"
+    return len(f.read_text().splitlines()) if f.is_file() else 0
+
+
+# ============================================================== fast tests (no cluster)
+def test_parse_time():
+    from tldist.launch.slurm import parse_time
+
+    assert parse_time("4:00:00") == 240
+    assert parse_time("90") == 90
+    assert parse_time("1:30") == 2  # MM:SS rounds up to whole minutes
+    assert parse_time("1-12") == 36 * 60
+    assert parse_time("2-00:30:00") == 48 * 60 + 30
+    from tldist.errors import UserError
+
+    for bad in ("4h", "0:30", ""):
+        with pytest.raises(UserError, match="--time"):
+            parse_time(bad)
+
+
+def test_expand_sweep_and_labels():
+    from tldist.errors import ConfigError
+    from tldist.launch.slurm import expand_sweep, run_label, split_values
+
+    assert split_values("0.1,[1,2],'a,b'") == ["0.1", "[1,2]", "'a,b'"]
+    fixed, combos = expand_sweep(["optim.lr=0.1,0.01", "train.epochs=1", "model.name=resnet18,vit_b_16"])
+    assert fixed == ["train.epochs=1"]
+    assert combos == [[("optim.lr", "0.1"), ("model.name", "resnet18")],
+                      [("optim.lr", "0.1"), ("model.name", "vit_b_16")],
+                      [("optim.lr", "0.01"), ("model.name", "resnet18")],
+                      [("optim.lr", "0.01"), ("model.name", "vit_b_16")]]
+    assert run_label(combos[0]) == "optim.lr=0.1,model.name=resnet18"
+    assert run_label([("data.train", "[/a/b]")]) == "data.train=[_a_b]"
+    with pytest.raises(ConfigError, match="no sweep axis"):
+        expand_sweep(["optim.lr=0.1"])
+    with pytest.raises(ConfigError, match="output_dir"):
+        expand_sweep(["output_dir=a,b"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        expand_sweep(["optim.lr"])
+
+
+def test_export_distributed_env_overwrites_leaked_vars(monkeypatch):
+    from tldist.launch.job import export_distributed_env, master_port
+
+    assert master_port(12345) == 32345 and master_port("12345_3") == 32345
+    assert 20000 <= master_port("local-abc") < 40000
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    for name, value in (("MASTER_PORT", "29500"), ("RANK", "5"), ("TORCHELASTIC_RUN_ID", "x"),
+                        ("MASTER_ADDR", "elsewhere"), ("WORLD_SIZE", "9"), ("LOCAL_RANK", "4"),
+                        ("LOCAL_WORLD_SIZE", "8"), ("NODE_RANK", "3")):
+        monkeypatch.setenv(name, value)  # also makes monkeypatch restore them after the test
+    job_env = SimpleNamespace(raw_job_id="777", hostnames=["node7", "node8"], global_rank=3, num_tasks=4,
+                              local_rank=1, num_nodes=2, node=1)
+    values = export_distributed_env(job_env)
+    assert values == {"MASTER_ADDR": "node7", "MASTER_PORT": "20777", "RANK": "3", "WORLD_SIZE": "4",
+                      "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "1"}
+    assert all(os.environ[k] == v for k, v in values.items())
+    assert "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def test_choose_resume_keeps_warm_start_only_on_first_attempt(tmp_path):
+    from tldist.config import load_config
+    from tldist.launch.job import choose_resume
+
+    warm = tmp_path / "other" / "step_00000010"
+    warm.mkdir(parents=True)
+    (warm / "trainer.json").write_text("{}")
+    cfg = load_config(REPO / CONFIG, [f"output_dir={tmp_path}/run", f"checkpoint.resume={warm}"])
+    assert choose_resume(cfg) == str(warm)  # first attempt: start from the given checkpoint
+    own = tmp_path / "run" / "checkpoints" / "step_00000004"
+    own.mkdir(parents=True)
+    (own / "trainer.json").write_text("{}")
+    assert choose_resume(cfg) == "auto"  # a requeued attempt continues from its own checkpoint
+    cfg.checkpoint.resume = "none"
+    assert choose_resume(cfg) == "auto"
+
+
+def test_stop_signals_request_a_stop_and_restore_handlers():
+    from tldist.launch.signals import StopSignals, clear_stop_request
+    from tldist.train import loop
+
+    before = signal.getsignal(signal.SIGUSR2)
+    clear_stop_request()
+    with StopSignals() as stop:
+        assert not loop._STOP.is_set()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.01)
+        assert loop._STOP.is_set() and stop.received == ["SIGUSR2"] and stop.requeue_requested
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest without the handler
+        time.sleep(0.01)
+        assert stop.received == ["SIGUSR2", "SIGTERM"]
+    assert signal.getsignal(signal.SIGUSR2) is before
+    clear_stop_request()
+    assert not loop._STOP.is_set()
+
+
+def test_after_stop_obeys_the_requeue_limit(tmp_path):
+    from tldist.launch.job import STOPPED_EXIT_CODE, RequeueLimitError, TrainJob
+
+    job = TrainJob({}, max_requeues=2)
+    env = SimpleNamespace(job_id="55", global_rank=1)
+    with pytest.raises(RequeueLimitError, match="after 2 requeues and --max-requeues is 2"):
+        job._after_stop(env, SimpleNamespace(received=["SIGUSR2"]), 2, str(tmp_path))
+    # SIGTERM (scancel, scontrol requeue, preemption): SLURM decides; leave without a result
+    with pytest.raises(SystemExit) as exc:
+        job._after_stop(env, SimpleNamespace(received=["SIGUSR2", "SIGTERM"]), 0, str(tmp_path))
+    assert exc.value.code == STOPPED_EXIT_CODE
+    # USR2 on a non-zero rank below the limit: no requeue from this rank, exit without a result
+    with pytest.raises(SystemExit):
+        job._after_stop(env, SimpleNamespace(received=["SIGUSR2"]), 1, str(tmp_path))
+
+
+def test_submit_dry_run_prints_the_multi_node_script(tiny_shards, tmp_path, capsys):
+    from tldist.launch.cli import main
+
+    rc = main(["submit", str(REPO / CONFIG), *overrides(tiny_shards, tmp_path / "run"), "--nodes", "2",
+               "--gpus-per-node", "8", "--partition", "gpu", "--time", "4:00:00", "--account", "proj", "--qos",
+               "high", "--constraint", "a100", "--mem", "200G", "--cpus-per-task", "10", "--exclusive",
+               "--setup", "module load cuda", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--account=proj",
+                 "--qos=high", "--constraint=a100", "--mem=200G", "--cpus-per-task=10", "--exclusive",
+                 "--time=240", "--signal=USR2@120", "--requeue", "--job-name=tldist-run"):
+        assert f"#SBATCH {line}\n" in out, line
+    assert f"{tmp_path}/run/submitit/%j/%j_0_log.out" in out and "module load cuda" in out
+    assert "16 task(s), max 5 requeues" in out
+
+
+def test_sweep_dry_run_lists_every_combination(tiny_shards, tmp_path, capsys):
+    from tldist.launch.cli import main
+
+    rc = main(["sweep", str(REPO / CONFIG), *overrides(tiny_shards, tmp_path / "sw"), "optim.lr=0.1,0.01",
+               "train.seed=0,1", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "4 runs as one array" in out
+    assert f"-> {tmp_path}/sw/sweep/optim.lr=0.01,train.seed=1" in out
+    assert "#SBATCH --array=0-3" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--time", "4h"], "--time '4h' is not a SLURM time"),
+    (["--time", "2", "--signal-delay", "120"], "--signal-delay 120s is not shorter than --time 2"),
+    (["--nodes", "0"], "--nodes 0 is invalid"),
+    (["--cluster", "local", "--nodes", "2"], "--nodes 2 needs --cluster slurm"),
+    (["data.train=[/nonexistent/shards]"], "no manifest at '/nonexistent/shards'"),
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+])
+def test_bad_submit_input_is_one_line(tiny_shards, tmp_path, capsys, args, message):
+    from tldist.launch.cli import main
+
+    rc = main(["submit", str(REPO / CONFIG), *overrides(tiny_shards, tmp_path / "r"), *args, "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cancel_and_status_input_errors(tmp_path, capsys):
+    from tldist.launch.cli import main
+
+    assert main(["cancel", "12; rm -rf /"]) == 2
+    assert "is not a SLURM job id" in capsys.readouterr().err
+    assert main(["cancel"]) == 2 and "give job ids or --all" in capsys.readouterr().err
+    assert main(["status", "--folder", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_folder_job_ids(tmp_path):
+    from tldist.launch.slurm import folder_job_ids
+
+    for jid in ("12", "9", "40_1"):
+        (tmp_path / jid).mkdir()
+        (tmp_path / jid / f"{jid}_submission.sh").write_text("#!/bin/bash\n")
+    (tmp_path / "notes").mkdir()
+    assert folder_job_ids(tmp_path) == ["9", "12", "40_1"]
+
+
+# ============================================================== real SLURM (dev cluster)
+def _wait(predicate, timeout: float, what: str, job=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            if job is not None:
+                job.cancel(check=False)
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def _sacct_lines(cluster, job_id: str) -> list[str]:
+    out = cluster.run("sacct", "-j", str(job_id), "-X", "--duplicates",
+                      "--format=JobID,State,ExitCode,Start,End").stdout
+    return out.rstrip().splitlines()
+
+
+def _job_logs(folder: Path, job_id: str) -> str:
+    return "\n".join(p.read_text() for p in sorted((folder / job_id).glob("*_log.*")))
+
+
+def _wandb_runs(out: Path) -> list[tuple[str, str]]:
+    """(run id, group) of every offline W&B run segment under ``out``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb_offline import _records
+
+    found = []
+    for f in sorted(out.glob("wandb/offline-run-*/run-*.wandb")):
+        for raw in _records(f):
+            rec = pb.Record()
+            rec.ParseFromString(raw)
+            if rec.WhichOneof("record_type") == "run":
+                found.append((rec.run.run_id, rec.run.run_group))
+                break
+    return found
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tiny_shards, tmp_path_factory):
+    """(a) ``tldist submit`` of a 2-task CPU job, uninterrupted: (results, output dir, timings)."""
+    import submitit
+
+    root = tmp_path_factory.mktemp("launch_ref")
+    out, folder = root / "run", root / "submitit"
+    t0 = time.monotonic()
+    proc = cli("submit", CONFIG, *overrides(tiny_shards, out), "--tasks-per-node", "2", "--cpus-per-task", "1",
+               "--time", "10", "--partition", slurm_cluster.partition, "--folder", str(folder),
+               env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
+    assert f"follow: tail -F {folder}/{job_id}/{job_id}_0_log.out" in proc.stdout
+    job = submitit.SlurmJob(folder=folder / "%j", job_id=job_id, tasks=(0, 1))
+    _wait(job.done, 240, f"job {job_id}", job)
+    results = sorted(job.results(), key=lambda r: r["rank"])
+    state = slurm_cluster.wait_final_state(job_id)
+    return {"job_id": job_id, "results": results, "out": out, "state": state, "seconds": time.monotonic() - t0,
+            "folder": folder}
+
+
+@pytest.mark.slurm
+def test_two_task_job_trains_and_ranks_agree(reference_run, slurm_cluster):
+    results = reference_run["results"]
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:
+        assert r["world_size"] == 2 and r["ranks_agree"] is True and r["step"] == TOTAL_STEPS
+        assert r["job_id"] == reference_run["job_id"] and r["restarts"] == 0 and not r["stopped"]
+        assert r["param_checksum"] == results[0]["param_checksum"]
+    assert results[0]["eval/count"] == 101  # every val sample scored once across the 2 ranks
+    logs = _job_logs(reference_run["folder"], reference_run["job_id"])
+    assert f"rank 0/2, master {slurm_cluster.scontrol_job(reference_run['job_id']).get('BatchHost', '')}" in logs
+    assert reference_run["state"] == "COMPLETED"
+    status = cli("status", "--folder", str(reference_run["folder"]))
+    assert status.returncode == 0 and f"{reference_run['job_id']} " in status.stdout and "COMPLETED" in status.stdout
+    print(f"\n[timing] reference 2-task job: {reference_run['seconds']:.1f}s (submit -> result)")
+    print("\n".join(_sacct_lines(slurm_cluster, reference_run["job_id"])))
+
+
+@pytest.mark.slurm
+def test_preempted_job_requeues_and_resumes_exactly(reference_run, slurm_cluster, tiny_shards, tmp_path,
+                                                   monkeypatch):
+    """(b) USR2 (timeout/preemption notice) -> checkpoint + requeue by the job; then ``scontrol
+    requeue`` (SIGTERM) -> checkpoint, SLURM requeues. Same final weights, steps and W&B run."""
+    from tldist.launch.slurm import Resources, submit_training
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # sbatch hands the submitter's environment to the job
+    out, folder = tmp_path / "run", tmp_path / "submitit"
+    res = Resources(tasks_per_node=2, cpus_per_task=1, partition=slurm_cluster.partition, time="10",
+                    signal_delay_s=60, max_requeues=3)
+    t0 = time.monotonic()
+    job = submit_training(CONFIG, overrides(tiny_shards, out, "tracker.backend=wandb"), res, folder=str(folder),
+                          echo=lambda s: None)
+    jid = job.job_id
+
+    _wait(lambda: trace_len(out) >= 6, 180, "the first attempt to train 6 steps", job)
+    run_id = json.loads((out / "tracker.json").read_text())["run_id"]
+    slurm_cluster.run("scancel", "--signal=USR2", jid)  # what --signal=USR2@60 sends 60 s before the limit
+    _wait(lambda: slurm_cluster.scontrol_job(jid).get("Restarts") == "1", 120, "the job to requeue itself", job)
+    stop1 = trace_len(out)
+    assert stop1 < TOTAL_STEPS, "the first attempt finished before the signal landed"
+
+    _wait(lambda: trace_len(out) >= stop1 + 4, 180, "the second attempt to train 4 steps", job)
+    slurm_cluster.run("scontrol", "requeue", jid)  # SIGTERM to every task; SLURM requeues
+    _wait(job.done, 240, "the requeued job to finish", job)
+    seconds = time.monotonic() - t0
+
+    results = sorted(job.results(), key=lambda r: r["rank"])
+    ref = reference_run["results"][0]
+    assert [r["restarts"] for r in results] == [2, 2]
+    assert all(r["step"] == ref["step"] == TOTAL_STEPS and r["ranks_agree"] for r in results)
+    for rank in (0, 1):  # the same samples at every step as the uninterrupted run: the data position resumed
+        assert read_trace(out, rank) == read_trace(reference_run["out"], rank)
+    # (weights are not compared bit for bit: a resumed DataLoader draws its worker seed from the global
+    # torch RNG once more, which shifts the dropout masks; that belongs to the loop, not the launcher)
+
+    logs = _job_logs(folder, jid)
+    assert "caught SIGUSR2" in logs
+    assert f"requeueing job {jid} (requeue 1 of at most 3)" in logs
+    assert logs.count("resumed from") == 2  # rank 0 of attempts 2 and 3
+    # SIGTERM gives KillWait (5 s here) to stop; DataLoader workers die on it, so attempt 3 may start
+    # from the periodic checkpoint before it: either way it must end at the same step with the same data.
+
+    # one W&B run across the three attempts
+    assert json.loads((out / "tracker.json").read_text())["run_id"] == run_id
+    segments = sorted(out.glob("wandb/offline-run-*"))
+    runs = _wandb_runs(out)  # the SIGKILLed attempt's segment may end before its run record is flushed
+    assert len(segments) == 3 and len(runs) >= 2 and {r[0] for r in runs} == {run_id}, (segments, runs)
+    assert all(p.name.endswith(f"-{run_id}") for p in segments)
+    assert results[0]["tracker_run_id"] == run_id
+
+    assert slurm_cluster.wait_final_state(jid) == "COMPLETED"
+    states = [r["State"] for r in slurm_cluster.sacct(jid)]
+    assert states == ["REQUEUED", "REQUEUED", "COMPLETED"], states
+    print(f"\n[timing] preempted job, 3 attempts: {seconds:.1f}s (submit -> result); stops at steps "
+          f"{stop1} and after {trace_len(out)} trace lines")
+    print("\n".join(_sacct_lines(slurm_cluster, jid)))
+
+
+@pytest.mark.slurm
+def test_sweep_runs_as_a_job_array(slurm_cluster, tiny_shards, tmp_path):
+    """(c) ``tldist sweep`` with 2 values: one array, 2 runs, one W&B group ``array-<id>``."""
+    import submitit
+
+    out, folder = tmp_path / "sw", tmp_path / "submitit"
+    t0 = time.monotonic()
+    proc = cli("sweep", CONFIG, *overrides(tiny_shards, out, "train.max_steps=3", "train.trace_samples=false",
+                                           "data.val=null", "tracker.backend=wandb"),
+               "optim.lr=0.05,0.2", "--cpus-per-task", "1", "--time", "10", "--partition", slurm_cluster.partition,
+               "--folder", str(folder), env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr
+    array_id = proc.stdout.split(" as array ", 1)[1].split()[0]
+    assert f"W&B group array-{array_id}" in proc.stdout
+    jobs = [submitit.SlurmJob(folder=folder / "%j", job_id=f"{array_id}_{i}") for i in range(2)]
+    for job in jobs:
+        _wait(job.done, 240, f"array task {job.job_id}", job)
+    results = [job.result() for job in jobs]
+    seconds = time.monotonic() - t0
+    assert [r["job_id"] for r in results] == [f"{array_id}_0", f"{array_id}_1"]
+    assert all(r["step"] == 3 and r["world_size"] == 1 for r in results)
+    lrs = []
+    for label in ("optim.lr=0.05", "optim.lr=0.2"):
+        run_dir = out / "sweep" / label
+        assert json.loads((run_dir / "result.json").read_text())["step"] == 3
+        runs = _wandb_runs(run_dir)
+        assert [g for _, g in runs] == [f"array-{array_id}"], runs
+        lrs.append(float(next(ln for ln in (run_dir / "config.yaml").read_text().splitlines()
+                              if ln.strip().startswith("lr:")).split(":")[1]))
+    assert lrs == [0.05, 0.2]
+    for i in range(2):
+        assert slurm_cluster.wait_final_state(f"{array_id}_{i}") == "COMPLETED"
+    print(f"\n[timing] sweep of 2 array tasks: {seconds:.1f}s (submit -> both results)")
+    print("\n".join(_sacct_lines(slurm_cluster, array_id)))

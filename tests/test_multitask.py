@@ -1,0 +1,80 @@
+"""Multi-task heads (``model.heads=separate``): label mapping, the per-task loss, config checks and a
+2-process training run on a mixture of two tiny shard sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_shard_set
+from tldist.config import load_config
+from tldist.errors import ConfigError
+from tldist.train.multitask import TaskHeads
+
+
+def heads(weights=()):
+    # task 0 has classes [a, b, c], task 1 [c, d]; merged by name: [a, b, c, d] -> task 1's map is [2, 3]
+    return TaskHeads(["t0", "t1"], [["a", "b", "c"], ["c", "d"]], [None, [2, 3]], 4, weights)
+
+
+def test_columns_and_classes():
+    h = heads()
+    assert h.num_outputs == 5 and h.classes == ["t0:a", "t0:b", "t0:c", "t1:c", "t1:d"]
+    assert h.span(0) == (0, 3) and h.span(1) == (3, 5)
+    labels, source = torch.tensor([0, 2, 2, 3]), torch.tensor([0, 0, 1, 1])
+    assert h.columns(labels, source).tolist() == [0, 2, 3, 4]  # merged "c" maps to each task's own column
+    with pytest.raises(RuntimeError, match="does not belong"):
+        h.columns(torch.tensor([0]), torch.tensor([1]))  # merged label "a" is not a class of task 1
+
+
+def test_loss_is_weighted_per_task_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, requires_grad=True)
+    labels, source = torch.tensor([1, 2, 2, 3]), torch.tensor([0, 0, 1, 1])
+    got = heads([1.0, 3.0]).loss(logits, labels, source)
+    want = (F.cross_entropy(logits[:2, 0:3], torch.tensor([1, 2]), reduction="sum")
+            + 3.0 * F.cross_entropy(logits[2:, 3:5], torch.tensor([0, 1]), reduction="sum")) / 4
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert logits.grad[:2, 3:].abs().sum() == 0 and logits.grad[2:, :3].abs().sum() == 0  # heads don't mix
+    smooth = heads().loss(logits, labels, source, label_smoothing=0.1)
+    assert torch.isfinite(smooth)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.heads=separate", "data.val=v"], "data.val"),
+    (["model.heads=separate", "data.val_sets=[v]"], "data.val_sets"),
+    (["train.task_weights=[1,2]"], "train.task_weights"),
+    (["model.heads=separate", "train.task_weights=[1,0]"], "train.task_weights"),
+    (["model.heads=joint"], "model.heads"),
+])
+def test_bad_config_names_the_key(overrides, key):
+    cfg = load_config(None, ["data.train=[a,b]", *overrides])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        cfg.validate()
+
+
+@pytest.mark.slow
+def test_two_processes_separate_heads(tiny_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from test_adapt import TINY, cli, run
+
+    make_shard_set(tmp_path / "b" / "train", split="train", n=120, shards=3, num_classes=3, seed=4, prefix="b")
+    make_shard_set(tmp_path / "b" / "val", split="val", n=45, shards=2, num_classes=3, seed=5, prefix="b")
+    out = tmp_path / "run"
+    run(cli("train", "configs/test_tiny.yaml", f"data.train=[{tiny_shards}/train,{tmp_path}/b/train]",
+            f"data.val_sets=[{tiny_shards}/val,{tmp_path}/b/val]", "model.heads=separate",
+            "train.task_weights=[1.0,2.0]", f"output_dir={out}", "train.max_steps=6", *TINY, processes=2))
+    r = json.loads((out / "result.json").read_text())
+    name_a, name_b = f"{tiny_shards.name}/val", "b/val"
+    assert r["world_size"] == 2 and r["ranks_agree"] is True and r["step"] == 6
+    assert r[f"eval/{name_a}/count"] == 101 and r[f"eval/{name_b}/count"] == 45  # each set once, own head
+    assert r["eval/top1"] == pytest.approx((r[f"eval/{name_a}/top1"] + r[f"eval/{name_b}/top1"]) / 2)
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert load_file(str(ckpt / "model.safetensors"))["fc.weight"].shape[0] == 4 + 3  # c0..c3 and c0..c2 apart
+    tasks = json.loads((ckpt / "trainer.json").read_text())["tasks"]
+    assert [(t["offset"], len(t["classes"]), t["loss_weight"]) for t in tasks] == [(0, 4, 1.0), (4, 3, 2.0)]

@@ -1,0 +1,245 @@
+"""``tldist compress prune``: magnitude pruning with ``torch.nn.utils.prune``, accuracy before/after.
+
+Two methods over the model's conv/linear weights (the classification head is left dense unless
+``include_head``):
+
+* **unstructured** -- :func:`torch.nn.utils.prune.global_unstructured` with L1 magnitude: the
+  ``sparsity`` fraction of smallest-magnitude weights across *all* prunable layers is zeroed, so
+  layers are pruned unevenly (redundant ones more).
+* **structured** -- :func:`torch.nn.utils.prune.ln_structured` on every conv's output channels
+  (``dim=0``, L1 or L2 norm): in each conv the ``sparsity`` fraction of channels with the smallest
+  norm is zeroed whole. Channels are zeroed, not removed: the tensors keep their shapes.
+
+The reported ``sparsity`` is always measured (zeros / total over the prunable weights), not the
+target. An optional recovery fine-tune (SGD on train shards, data-parallel, masks kept fixed) follows;
+then the pruning is made permanent (:func:`torch.nn.utils.prune.remove`) and the model is written
+as an ordinary export directory, loadable with :func:`tldist.export.load_exported`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+from tldist.compress import (REPORT_FILE, check_shards, compressed_mb, evaluate, file_mb, load_export, log,
+                             start_world, sync_state, write_export)
+from tldist.errors import UserError
+from tldist.world import World
+
+
+def prunable_layers(model: nn.Module, head: list[str], *, include_head: bool = False,
+                    convs_only: bool = False) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the Conv2d (and Linear, unless ``convs_only``) layers to prune."""
+    kinds = (nn.Conv2d,) if convs_only else (nn.Conv2d, nn.Linear)
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds) or getattr(module, "weight", None) is None:
+            continue
+        if not include_head and any(name == h or name.startswith(h + ".") for h in head):
+            continue
+        layers.append((name, module))
+    return layers
+
+
+def apply_unstructured(layers: list[tuple[str, nn.Module]], sparsity: float) -> None:
+    """Zero the globally smallest ``sparsity`` fraction of the layers' weights (masks stay attached)."""
+    prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured,
+                              amount=float(sparsity))
+
+
+def apply_structured(layers: list[tuple[str, nn.Module]], sparsity: float, norm: int = 1) -> None:
+    """Zero the ``sparsity`` fraction of output channels with the smallest Ln norm in each conv."""
+    for _, m in layers:
+        prune.ln_structured(m, "weight", amount=float(sparsity), n=norm, dim=0)
+
+
+def make_permanent(layers: list[tuple[str, nn.Module]]) -> None:
+    """Fold the masks into the weights (``prune.remove``): plain tensors, ordinary state dict keys."""
+    for _, m in layers:
+        if prune.is_pruned(m) and hasattr(m, "weight_mask"):
+            prune.remove(m, "weight")
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> dict[str, Any]:
+    """Measured sparsity: zeros/total over the pruned layers, over all conv/linear weights, and
+    all-zero output channels of the convs."""
+    zeros = total = ch_zero = ch_total = 0
+    for _, m in layers:
+        w = m.weight
+        zeros += int((w == 0).sum())
+        total += w.numel()
+        if isinstance(m, nn.Conv2d):
+            ch_zero += int((w.flatten(1) == 0).all(1).sum())
+            ch_total += w.shape[0]
+    all_zeros = all_total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            all_zeros += int((m.weight == 0).sum())
+            all_total += m.weight.numel()
+    return {"sparsity": round(zeros / max(total, 1), 6), "prunable_params": total, "zero_params": zeros,
+            "model_sparsity": round(all_zeros / max(all_total, 1), 6), "conv_linear_params": all_total,
+            "layers": len(layers), "conv_channels_zeroed": ch_zero, "conv_channels": ch_total}
+
+
+def finetune(model: nn.Module, meta: dict[str, Any], train: str, *, steps: int, lr: float, batch_size: int,
+             num_workers: int, device: torch.device | str = "cpu", hflip: bool = False,
+             world: World = World()) -> dict[str, Any]:
+    """Short recovery fine-tune, data-parallel over the job's ranks (call on every rank).
+
+    SGD with Nesterov momentum and a cosine LR, BN in train mode. Each rank reads its own part of
+    the train shards; gradients are averaged across ranks every step (one flat all-reduce), so the
+    weights stay identical on all ranks (BN running statistics are rank 0's, see ``sync_state``).
+    Pruned weights stay zero: the masks are still attached, the effective weight is
+    ``weight_orig * mask``. Returns the first and last losses on rank 0 (mean of 10 steps).
+    """
+    from tldist.compress import eval_inputs
+    from tldist.config import DataConfig
+    from tldist.data.pipeline import build_train_loader
+
+    pre = meta["preprocess"]
+    cfg = DataConfig(train=[train], batch_size=batch_size, num_workers=num_workers, shuffle_buffer=256, seed=0,
+                     train_crop_scale=[0.8, 1.0], hflip=hflip, pin_memory=False)
+    loader = build_train_loader(cfg, world, image_size=int(pre["image_size"]),
+                                interpolation=pre.get("interpolation", "bilinear"))
+    normalize = eval_inputs(meta)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses: list[float] = []
+    t0 = time.time()
+    model.train()
+    try:
+        for step in range(steps):
+            batch = next(loader)
+            logits = model(normalize(batch["image"].to(device)))
+            loss = F.cross_entropy(logits, batch["label"].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(params)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                log(world, f"recovery step {step + 1}/{steps}  loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+    finally:
+        loader.close()
+        model.eval()
+    head, tail = losses[:10], losses[-10:]
+    return {"steps": steps, "lr": lr, "batch_size": batch_size, "world_size": world.world_size,
+            "ranks_agree": params_agree(params), "seconds": round(time.time() - t0, 1),
+            "first_loss": round(sum(head) / len(head), 5), "last_loss": round(sum(tail) / len(tail), 5)}
+
+
+@torch.no_grad()
+def params_agree(params: list[nn.Parameter]) -> bool:
+    """True when every rank holds the same parameter values (call on every rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    digest = torch.stack([p.detach().double().sum() for p in params] + [p.detach().double().abs().sum() for p in params])
+    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Average ``.grad`` over ranks with one flat all-reduce (a no-op for one process; call on every rank)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, structured: bool = False, norm: int = 1,
+                 include_head: bool = False, train: Optional[str] = None, finetune_steps: int = 0, lr: float = 0.01,
+                 batch_size: int = 32, num_workers: int = 1, hflip: bool = False) -> dict[str, Any]:
+    """Prune an export directory into ``out`` (call on every rank); returns the report (also ``out/report.json``).
+
+    Accuracy on ``val`` is measured exactly across ranks before pruning, after pruning and (with
+    ``finetune_steps``) after recovery; the fine-tune is data-parallel over the ranks.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise UserError(f"--sparsity has bad value {sparsity}: give the fraction of weights to zero, 0 <= s < 1")
+    if norm not in (1, 2):
+        raise UserError(f"--norm has bad value {norm}: use 1 (L1) or 2 (L2)")
+    if finetune_steps < 0:
+        raise UserError(f"--finetune-steps has bad value {finetune_steps}: must be >= 0")
+    if finetune_steps and not train:
+        raise UserError("--finetune-steps needs --train SHARDS: the train shard set to fine-tune on")
+    from tldist.adapt import check_out_dir
+
+    check_out_dir(out, {"the export directory": export_dir})
+    model, meta, head = load_export(export_dir)
+    check_shards(val, meta, export_dir, "val")
+    if finetune_steps:
+        check_shards(train, meta, export_dir, "train", same_order=True)
+    world, device = start_world()
+    model.to(device)
+    layers = prunable_layers(model, head, include_head=include_head, convs_only=structured)
+    if not layers:
+        raise UserError(f"model '{meta['model']}' in '{export_dir}' has no {'conv' if structured else 'conv/linear'} "
+                        "layers to prune" + ("" if include_head else " outside its head (try --include-head)"))
+
+    def ev(m: nn.Module) -> dict[str, Any]:
+        return evaluate(m, meta, val, world, device=device, batch_size=2 * batch_size, num_workers=num_workers)
+
+    method = f"structured-l{norm}-channels" if structured else "global-unstructured-l1"
+    log(world, f"{meta['model']}: evaluating the unpruned model on {val}")
+    baseline = ev(model)
+    log(world, f"baseline top-1 {baseline['top1']:.2f}%  ({baseline['count']} samples)")
+    if structured:
+        apply_structured(layers, sparsity, norm)
+    else:
+        apply_unstructured(layers, sparsity)
+    sync_state(model)
+    stats = sparsity_report(model, layers)
+    pruned = ev(model)
+    log(world, f"{method} target {sparsity:.2f}: measured sparsity {stats['sparsity']:.4f} of "
+               f"{stats['prunable_params']} weights; top-1 {pruned['top1']:.2f}%")
+    recovered, tune = None, None
+    if finetune_steps:
+        tune = finetune(model, meta, train, steps=finetune_steps, lr=lr, batch_size=batch_size,
+                        num_workers=num_workers, device=device, hflip=hflip, world=world)
+        sync_state(model)
+        recovered = ev(model)
+        log(world, f"after {finetune_steps} recovery steps: top-1 {recovered['top1']:.2f}%")
+    make_permanent(layers)
+    stats = sparsity_report(model, layers)  # unchanged by recovery: masked weights stayed zero
+    final = recovered or pruned
+    report: dict[str, Any] = {
+        "command": "prune", "source": str(Path(export_dir).resolve()), "model": meta["model"], "val": val,
+        "method": method, "target_sparsity": sparsity, "include_head": include_head, **stats,
+        "baseline": baseline, "pruned": pruned, "recovered": recovered, "finetune": tune,
+        "top1_delta": round(final["top1"] - baseline["top1"], 4), "world_size": world.world_size,
+    }
+    if world.is_main:
+        new_meta = {**meta, "compression": {k: report[k] for k in ("method", "target_sparsity", "sparsity",
+                                                                     "include_head", "top1_delta")},
+                    "source_export": report["source"]}
+        write_export(model, new_meta, out, extra={REPORT_FILE: report})
+        weights = Path(out) / "model.safetensors"
+        report["size_mb"] = {"safetensors": file_mb(weights), "zlib": compressed_mb(weights),
+                             "source_zlib": compressed_mb(Path(export_dir) / "model.safetensors")}
+        from tldist.compress import write_json
+
+        write_json(Path(out) / REPORT_FILE, report)
+        log(world, f"wrote {out} (model.safetensors + model.json + {REPORT_FILE})")
+    return report
