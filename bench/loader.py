@@ -1,0 +1,262 @@
+"""Loader throughput (issues 4 & 6): tldist's shard loader vs torchvision ImageFolder vs the decode ceiling.
+
+Variants, measured interleaved in one run (A B C.., ..C B A, A B C), ``--repeats`` times:
+
+* ``shard``       tldist ``build_train_loader`` (PIL decode), W workers, batch B, RandomResizedCrop(224)
+                  + flip, uint8 batches; the consumer only counts them.
+* ``shard+norm``  the same, plus the float conversion + normalization the trainer does in the
+                  consuming process (``Normalizer``): the like-for-like counterpart of ImageFolder's
+                  float, normalized batches.
+* ``shard-tv``    the same loader with ``data.decode=torchvision``.
+* ``imagefolder`` ``torchvision.datasets.ImageFolder`` + ``DataLoader(shuffle=True)``, same W and B,
+                  the torchvision reference transforms (RandomResizedCrop(224) + RandomHorizontalFlip +
+                  ToTensor + Normalize): float32 batches cross the process boundary.
+* ``ceiling``     tldist's own decode + train transform on in-memory JPEG bytes in a W-process
+                  ``multiprocessing.Pool``; nothing but a count comes back (no IPC, no tar reading,
+                  no batching): what W cores can do at best. ``ceiling-tv``: the same with
+                  torchvision's decoder.
+
+Two figures per measurement: wall-clock images/s, and images per CPU-second (user + system time of
+every process involved, workers and consumer, from /proc). On a machine shared with other jobs the
+wall-clock rate swings with their load; CPU time per image hardly does, so the CPU-time ratio is the
+steadier measure of how much work the pipeline adds on top of decode + augment (it does not see
+pipeline stalls, which the wall-clock ratio does).
+
+Each loader is created fresh for each measurement; its first ``--warmup`` batches (worker start,
+first shuffle block) are not timed. Both loaders hand out batches round-robin over their W workers,
+which produce them in parallel; so the warm-up and the timed window are rounded up to whole rounds
+of W batches and the clock runs from the arrival of one round's last batch to another's: the
+window then spans whole production periods of every worker (timing, say, 3 batches after 1 would
+count batches that were made during the warm-up and overstate the rate up to W-fold). All
+processes, the consumer included, use one torch thread. Ratios are taken per repeat, then the
+median and spread over repeats is reported. Usage::
+
+    python bench/loader.py [--batches 30] [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import common  # noqa: F401  (puts the repo on sys.path)
+from common import DEFAULT_ROOT, abba, fmt_ms, loadavg, machine_line, table
+
+IMAGE_SIZE = 224
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_seconds(pids) -> float:
+    """User + system CPU seconds of processes ``pids`` (Linux /proc), plus this process's own."""
+    total = time.process_time()
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+VARIANTS = ("shard", "shard+norm", "shard-tv", "imagefolder", "ceiling", "ceiling-tv")
+
+# ---------------------------------------------------------------------------------------
+# ceiling: decode + augment in a process pool on in-memory bytes
+# ---------------------------------------------------------------------------------------
+_BYTES: list[bytes] = []
+
+
+def _pool_init() -> None:
+    import torch
+
+    from tldist.data.transforms import build_train_transform, decode_image
+
+    torch.set_num_threads(1)  # as in DataLoader workers
+    t = build_train_transform(IMAGE_SIZE)
+    for decoder in ("pil", "torchvision"):  # first-use imports/initialisation stay out of the timing
+        t(decode_image(_BYTES[0], decoder), random.Random(0))
+
+
+def _ceiling_chunk(args: tuple[int, int, str, int]) -> int:
+    from tldist.data.transforms import build_train_transform, decode_image
+
+    start, count, decoder, size = args
+    transform = build_train_transform(size)
+    for k in range(count):
+        i = start + k
+        transform(decode_image(_BYTES[i % len(_BYTES)], decoder), random.Random(i))
+    return count
+
+
+class Ceiling:
+    def __init__(self, files: list[Path], workers: int):
+        global _BYTES
+        _BYTES = [f.read_bytes() for f in files]  # before the fork: the workers inherit them
+        self.workers = workers
+        self.pool = get_context("fork").Pool(workers, initializer=_pool_init)
+        self.offset = 0
+
+    def run(self, n: int, decoder: str) -> tuple[float, float]:
+        """(images/s, images per CPU-second) for ``n`` images split evenly over the workers."""
+        per = n // self.workers
+        jobs = [(self.offset + w * per, per, decoder, IMAGE_SIZE) for w in range(self.workers)]
+        self.offset += n
+        pids = [w.pid for w in self.pool._pool]  # noqa: SLF001  (the pool's worker processes)
+        c0, t0 = proc_cpu_seconds(pids), time.perf_counter()
+        done = sum(self.pool.map(_ceiling_chunk, jobs, chunksize=1))
+        wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(pids) - c0
+        return done / wall, done / cpu
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+
+# ---------------------------------------------------------------------------------------
+# loaders
+# ---------------------------------------------------------------------------------------
+
+def _time_batches(it, warmup: int, batches: int, pids, consume=None) -> tuple[float, float]:
+    """(images/s, images per CPU-second of the workers and this process) over ``batches`` batches."""
+    for _ in range(warmup):
+        b = next(it)
+        if consume is not None:
+            consume(b)
+    worker_pids = pids()
+    n = 0
+    c0, t0 = proc_cpu_seconds(worker_pids), time.perf_counter()
+    for _ in range(batches):
+        b = next(it)
+        if consume is not None:
+            consume(b)
+        img = b["image"] if isinstance(b, dict) else b[0]
+        n += img.shape[0]
+    wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(worker_pids) - c0
+    return n / wall, n / cpu
+
+
+def run_shard(shards: str, workers: int, batch: int, warmup: int, batches: int, decode: str, normalize: bool,
+              seed: int) -> tuple[float, float]:
+    from tldist.config import DataConfig
+    from tldist.data.pipeline import build_train_loader
+    from tldist.data.transforms import Normalizer
+    from tldist.world import World
+
+    cfg = DataConfig(train=[shards], batch_size=batch, num_workers=workers, decode=decode, seed=seed)
+    loader = build_train_loader(cfg, World(), image_size=IMAGE_SIZE)
+    norm = Normalizer() if normalize else None
+    try:
+        it = iter(loader)
+        return _time_batches(it, warmup, batches, lambda: [w.pid for w in loader._it._workers],  # noqa: SLF001
+                             (lambda b: norm(b["image"])) if norm else None)
+    finally:
+        loader.close()
+
+
+def run_imagefolder(root: str, workers: int, batch: int, warmup: int, batches: int, seed: int) -> tuple[float, float]:
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(IMAGE_SIZE),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+    ds = datasets.ImageFolder(root, tf)
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, generator=g)
+    it = iter(loader)
+    try:
+        return _time_batches(it, warmup, batches, lambda: [w.pid for w in it._workers])  # noqa: SLF001
+    finally:
+        del it
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=None, help="output dir of make_images.py (made if missing)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=4, help="untimed batches per measurement")
+    p.add_argument("--batches", type=int, default=30,
+                   help="timed batches per measurement (rounded up to a multiple of --workers)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny data, 3 batches, 1 repeat")
+    a = p.parse_args(argv)
+    from make_images import make_images
+
+    if a.quick:
+        a.batch, a.warmup, a.batches, a.repeats = 16, 2, 4, 1
+    rounds = lambda n: max(1, -(-n // max(a.workers, 1))) * max(a.workers, 1)  # noqa: E731  (see docstring)
+    a.warmup, a.batches = rounds(a.warmup), rounds(a.batches)
+    import torch
+
+    torch.set_num_threads(1)
+    data = a.data or DEFAULT_ROOT / ("images256_quick" if a.quick else "images256")
+    info = make_images(data, 200 if a.quick else 3000, verbose=False)
+    files = sorted(Path(info["images"]).rglob("*.jpg"))
+    variants = [v for v in a.variants.split(",") if v]
+    print(machine_line())
+    print(f"# {len(files)} JPEGs, mean {info['mean_kb']} KB, {info['shard_count']} shards; workers={a.workers} "
+          f"batch={a.batch} size={IMAGE_SIZE}; {a.batches} timed batches after {a.warmup} warm-up, "
+          f"{a.repeats} repeats interleaved")
+    ceiling = Ceiling(files, a.workers) if any(v.startswith("ceiling") for v in variants) else None
+    if ceiling is not None:
+        ceiling.run(4 * a.workers, "pil")  # start the pool
+    n_ceiling = a.batch * a.batches
+    res: dict[str, list[float]] = {v: [] for v in variants}  # images/s (wall clock)
+    cpu: dict[str, list[float]] = {v: [] for v in variants}  # images per CPU-second
+    load_before = loadavg()
+    try:
+        for r, v in abba(variants, a.repeats):
+            seed = 1000 + r
+            if v == "shard":
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", False, seed)
+            elif v == "shard+norm":
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", True, seed)
+            elif v == "shard-tv":
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "torchvision", False,
+                                         seed)
+            elif v == "imagefolder":
+                ips, per_cpu = run_imagefolder(info["images"], a.workers, a.batch, a.warmup, a.batches, seed)
+            elif v == "ceiling":
+                ips, per_cpu = ceiling.run(n_ceiling, "pil")
+            elif v == "ceiling-tv":
+                ips, per_cpu = ceiling.run(n_ceiling, "torchvision")
+            else:
+                raise SystemExit(f"unknown variant {v}; choose from {', '.join(VARIANTS)}")
+            res[v].append(ips)
+            cpu[v].append(per_cpu)
+            print(f"  repeat {r} {v:12s} {ips:8.1f} img/s  {per_cpu:7.1f} img/CPU-s  (load {loadavg()})", flush=True)
+    finally:
+        if ceiling is not None:
+            ceiling.close()
+    print(f"# load average before {load_before}, after {loadavg()}")
+    print("\n## Throughput (median [min-max] over repeats)\n")
+    print(table(["variant", "img/s (wall)", "img/s per worker", "img per CPU-second"],
+                [[v, fmt_ms(res[v], 0), fmt_ms([x / a.workers for x in res[v]], 0), fmt_ms(cpu[v], 0)]
+                 for v in variants]))
+
+    def ratio(num: str, den: str, target: str = "") -> list[object] | None:
+        if num not in res or den not in res:
+            return None
+        rs = [x / y for x, y in zip(res[num], res[den])]
+        cs = [x / y for x, y in zip(cpu[num], cpu[den])]
+        met = lambda v: "" if not target else ("yes" if sorted(v)[len(v) // 2] >= float(target) else "NO")  # noqa: E731
+        return [f"{num} / {den}", fmt_ms(rs, 2), met(rs), fmt_ms(cs, 2), met(cs), target and f">= {target}"]
+
+    rows = [ratio("shard", "ceiling", "0.9"), ratio("shard", "imagefolder", "1.0"),
+            ratio("shard+norm", "ceiling"), ratio("shard+norm", "imagefolder", "1.0"),
+            ratio("shard-tv", "ceiling-tv", "0.9"), ratio("shard-tv", "ceiling"), ratio("shard-tv", "imagefolder"),
+            ratio("imagefolder", "ceiling"), ratio("ceiling-tv", "ceiling")]
+    print("\n## Ratios (per repeat, median [min-max]): wall-clock img/s, and images per CPU-second\n")
+    print(table(["ratio", "wall", "met", "per CPU-second", "met", "target"], [r for r in rows if r is not None]))
+    return 0
+
+if __name__ == "__main__":
+    raise SystemExit(main())
