@@ -38,7 +38,8 @@ def read_traces(out: Path) -> list[dict]:
 
 
 def step_numbers(trace: dict) -> set[int]:
-    return {int(e["name"].split("#")[1]) for e in trace["traceEvents"] if str(e.get("name", "")).startswith("ProfilerStep#")}
+    return {int(e["name"].split("#")[1]) for e in trace["traceEvents"]
+            if str(e.get("name", "")).startswith("ProfilerStep#")}
 
 
 def test_profile_writes_trace_of_active_steps(tiny_shards, tmp_path):

@@ -137,7 +137,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for model init and dropout."""
     channels_last: bool = True
-    """Use channels_last memory format for conv nets."""
+    """Use channels_last memory format for conv nets on GPUs (ignored on CPU, where it is slower,
+    and under FSDP2, which cannot shard channels_last parameters)."""
     fsdp: bool = False
     """Shard the model with FSDP2 (also turned on by an accelerate config with ``distributed_type: FSDP``)."""
     fsdp_block: str = ""

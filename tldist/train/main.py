@@ -117,7 +117,10 @@ def build(cfg: JobConfig) -> Trainer:
 
     # Model placement and wrapping; the optimizer is built on the final (possibly sharded) params.
     fsdp = fsdp_requested(cfg.train)
-    if cfg.train.channels_last and not fsdp:  # FSDP2 cannot shard non-contiguous (channels_last) params
+    # channels_last only on GPUs (on CPU it measured slower, BENCHMARKS.md "Versus"); not under FSDP2,
+    # which cannot shard non-contiguous (channels_last) parameters.
+    channels_last = cfg.train.channels_last and not fsdp and accelerator.device.type == "cuda"
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
     if fsdp:
@@ -168,7 +171,7 @@ def build(cfg: JobConfig) -> Trainer:
     return Trainer(cfg=cfg.train, ckpt_cfg=cfg.checkpoint, accelerator=accelerator, model=model,
                    optimizer=optimizer, raw_optimizer=raw_optimizer, scheduler=scheduler,
                    train_loader=train_loader, eval_loaders=eval_loaders,
-                   normalize=Normalizer(info.mean, info.std, channels_last=cfg.train.channels_last),
+                   normalize=Normalizer(info.mean, info.std, channels_last=channels_last),
                    tracker=tracker, checkpoints=checkpoints, config_yaml=config_yaml, num_classes=num_classes,
                    steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
                    fsdp=fsdp, output_dir=output_dir, state=state, class_names=classes, tasks=tasks)
