@@ -72,7 +72,7 @@ def tldist_train_rate(stdout: str, steps_per_epoch: int, log_every: int) -> floa
     """
     rates = []
     for m in LOG_LINE.finditer(stdout):
-        s, total, ips = int(m.group(1)), int(m.group(2)), float(m.group(3))
+        s, ips = int(m.group(1)), float(m.group(3))
         if s <= log_every:
             continue
         if any(e % steps_per_epoch == 0 for e in range(s - log_every, s)):
@@ -81,6 +81,16 @@ def tldist_train_rate(stdout: str, steps_per_epoch: int, log_every: int) -> floa
     if not rates:
         raise RuntimeError("no clean tldist log windows; train longer or log more often")
     return sum(rates) / len(rates)
+
+
+def timed_run(cmd: list[str], label: str, timeout: int) -> tuple[subprocess.CompletedProcess, float]:
+    """Run one training launch; its output and wall-clock seconds. A failure raises with the output's tail."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(), cwd=REPO, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc, wall
 
 
 def run_tldist(shards: Path, out: Path, *, processes: int, epochs: int, seed: int, extra: list[str] = (),
@@ -94,11 +104,7 @@ def run_tldist(shards: Path, out: Path, *, processes: int, epochs: int, seed: in
            "--main_process_port", str(free_port()), "-m", "tldist.cli", "train", str(CONFIG), *overrides]
     if processes == 1:
         cmd = [sys.executable, "-m", "tldist.cli", "train", str(CONFIG), *overrides]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(), cwd=REPO, timeout=timeout)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"tldist failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    proc, wall = timed_run(cmd, "tldist", timeout)
     result = json.loads((out / "result.json").read_text())
     m = re.search(r"steps_per_epoch=(\d+)", proc.stdout)
     spe = int(m.group(1))
@@ -121,11 +127,7 @@ def run_reference(images_dir: Path, out: Path, *, epochs: int, seed: int, timeou
            "--lr-scheduler", "cosineannealinglr", "--train-crop-size", "16", "--val-crop-size", "16",
            "--crop-scale-min", "0.5", "--output-dir", str(out / "ckpt"), "--json", str(out / "result.json"),
            "--seed", str(seed), "--print-freq", "0"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=bench_env(), cwd=REPO, timeout=timeout)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"reference failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    _, wall = timed_run(cmd, "reference", timeout)
     r = json.loads((out / "result.json").read_text())
     assert r["world_size"] == 2, r
     return {"wall": wall, "job_ips": r["train_images"] / wall, "train_ips": r["train_images_per_s"],

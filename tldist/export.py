@@ -13,12 +13,13 @@ its preprocessing without the training config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -74,21 +75,32 @@ def write_export(model: Any, meta: dict[str, Any], out_dir: str | os.PathLike,
     JSON file per entry of ``extra`` (reports). An older directory at ``out_dir`` is replaced."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         for name, content in {"model.json": meta, **(extra or {})}.items():
             (tmp / name).write_text(json.dumps(content, indent=1))
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out_dir``; when the block ends without an error,
+    it replaces ``out_dir`` (an older directory there is removed), else it is deleted. Readers see
+    the old directory or the complete new one, never a partial one."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        yield tmp
         if out.exists():
+            if not out.is_dir():
+                raise UserError(f"output '{out}' exists and is not a directory: choose another path")
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

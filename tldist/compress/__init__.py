@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import statistics
 import time
 import zlib
@@ -127,15 +126,6 @@ def check_shards(location: str, meta: dict[str, Any], model_dir: str, role: str,
 
 def _short(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory ``tmp`` to ``out``, replacing an older one."""
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out '{out}' exists and is not a directory: choose another path")
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

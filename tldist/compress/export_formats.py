@@ -14,7 +14,6 @@ machine takes about a second against tens of seconds for the ``torch.export`` ba
 from __future__ import annotations
 
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,9 +21,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from tldist.compress import (eval_inputs, file_mb, from_rank0, load_export, log, replace_dir, script_bytes,
+from tldist.compress import (eval_inputs, file_mb, from_rank0, load_export, log, script_bytes,
                              shard_batches, start_world, write_json, check_shards)
 from tldist.errors import UserError
+from tldist.export import atomic_dir
 from tldist.world import World
 
 FORMATS = ("torchscript", "onnx")
@@ -127,13 +127,10 @@ def export_formats(export_dir: str, out: str, *, formats: tuple[str, ...] = FORM
 
     def build() -> dict[str, Any]:
         inputs = check_inputs(meta, val, num_workers=num_workers)
-        out_p = Path(out)
-        out_p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_p.parent, prefix=f".{out_p.name}."))
         report: dict[str, Any] = {"source": str(Path(export_dir).resolve()), "model": meta["model"],
                                   "inputs": f"val images from {val}" if val else "seeded random normal",
                                   "atol": atol, "formats": {}}
-        try:
+        with atomic_dir(out) as tmp:
             for fmt in formats:
                 path = tmp / FILES[fmt]
                 writer = write_torchscript if fmt == "torchscript" else write_onnx
@@ -149,10 +146,6 @@ def export_formats(export_dir: str, out: str, *, formats: tuple[str, ...] = FORM
                            f"top-1 agreement {check['top1_agreement']:.3f} on {check['samples']} inputs")
             shutil.copy(Path(export_dir) / "model.json", tmp / "model.json")
             write_json(tmp / REPORT, report)
-            replace_dir(tmp, out_p)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return report
 
     return from_rank0(build)

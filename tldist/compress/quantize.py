@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -30,9 +29,10 @@ import torch
 from torch import nn
 
 from tldist.compress import (INT8_FILE, REPORT_FILE, check_shards, evaluate, file_mb, from_rank0, load_export,
-                             load_script, log, measure_latency, replace_dir, script_bytes, shard_batches, start_world,
+                             load_script, log, measure_latency, script_bytes, shard_batches, start_world,
                              write_json, eval_inputs)
 from tldist.errors import UserError
+from tldist.export import atomic_dir
 from tldist.world import World
 
 METHODS = ("static", "dynamic")
@@ -193,17 +193,8 @@ def int8_meta(meta: dict[str, Any], method: str, export_dir: str) -> dict[str, A
 
 def write_int8_dir(out: str | Path, data: bytes, meta: dict[str, Any], report: dict[str, Any]) -> Path:
     """Write ``model_int8.pt`` + ``model.json`` + ``report.json`` atomically (main process only)."""
-    import shutil
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / INT8_FILE).write_bytes(data)
         write_json(tmp / "model.json", meta)
         write_json(tmp / REPORT_FILE, report)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
