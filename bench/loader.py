@@ -3,7 +3,8 @@
 Variants, measured interleaved in one run (A B C.., ..C B A, A B C), ``--repeats`` times:
 
 * ``shard``       tldist ``build_train_loader`` (PIL decode), W workers, batch B, RandomResizedCrop(224)
-                  + flip, uint8 batches; the consumer only counts them.
+                  + flip, uint8 batches in recycled shared-memory buffers (as the trainer builds
+                  it); the consumer only counts them.
 * ``shard+norm``  the same, plus the float conversion + normalization the trainer does in the
                   consuming process (``Normalizer``): the like-for-like counterpart of ImageFolder's
                   float, normalized batches.
@@ -145,7 +146,7 @@ def run_shard(shards: str, workers: int, batch: int, warmup: int, batches: int, 
     from tldist.world import World
 
     cfg = DataConfig(train=[shards], batch_size=batch, num_workers=workers, decode=decode, seed=seed)
-    loader = build_train_loader(cfg, World(), image_size=IMAGE_SIZE)
+    loader = build_train_loader(cfg, World(), image_size=IMAGE_SIZE, recycle_batches=True)  # as the trainer does
     norm = Normalizer() if normalize else None
     try:
         it = iter(loader)

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     for r in range(a.repeats):
         for n in ((1, 2) if r % 2 == 0 else (2, 1)):
             x = run_tldist(shards, a.root / "runs" / f"scale{n}_{r}", processes=n, epochs=1, seed=r, val=False,
-                           extra=[f"train.max_steps={a.steps}"])
+                           extra=[f"train.max_steps={a.steps}", "data.image_size=16"])  # 16 px: as recorded
             res[n].append(x["train_ips"])
             print(f"  repeat {r} processes={n}  {x['train_ips']:6.1f} img/s  (world size {x['world_size']}; "
                   f"load {loadavg()})", flush=True)

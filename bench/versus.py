@@ -1,21 +1,23 @@
 """tldist vs a standard DDP script (bench/reference_train.py): throughput and final accuracy.
 
 Same model (resnet18, random init), same images (scikit-learn's 8x8 handwritten digits
-stored as 32 px PNG: 1,257 train / 540 val, trained and evaluated at 16 px), same per-process batch (32), epochs, precision (fp32), LR
-(0.1 for the global batch of 64), crop scale and flip, 2 CPU processes each over gloo with one
-torch thread and one loader worker per process. The reference reads an ImageFolder tree, tldist
+stored as 32 px PNG: 1,257 train / 539 val, trained and evaluated at 32 px), same per-process
+batch (32), epochs (8), precision (fp32), LR (the recipe's 0.1 per 256 images, i.e. 0.025 for the
+global batch of 64), crop scale and flip, 2 CPU processes each over gloo with one torch thread
+and one loader worker per process. The reference reads an ImageFolder tree, tldist
 the shards that ``tldist shards imagefolder`` writes from that same tree. Both evaluate after
 every epoch and save a checkpoint after every epoch, as their recipes do.
 
 Launchers: ``torchrun --standalone --nproc_per_node 2`` for the reference (its documented
 launch), ``accelerate launch --config_file configs/accelerate/cpu.yaml --num_processes 2`` for
-tldist (tldist's documented CPU launch). A third system, ``tldist-nchw``, is tldist with
-``train.channels_last=false`` (the reference uses the default memory format). Runs alternate
-(A B C, C B A, A B C) with seed = repeat index for all, so load drift hits all alike.
+tldist (tldist's documented CPU launch). Runs alternate (A B, B A, A B) with seed = repeat
+index for both, so load drift hits both alike.
 
 Figures per run:
-* ``job img/s``   epochs x train images / wall time of the whole launch (start-up, data
-                  scanning, evaluation and checkpoints included): time to a trained model.
+* ``job img/s``   images trained / wall time of the whole launch (start-up, data scanning,
+                  evaluation and checkpoints included). The reference trains 1,258 images per
+                  epoch (its sampler pads 1,257 to a multiple of 2), tldist 19 full global
+                  batches (1,216; its stream carries the rest into the next epoch).
 * ``train img/s`` each program's own steady training rate without evaluation: the reference's
                   summed epoch time (fresh DataLoader workers each epoch included, as in the
                   recipe); for tldist the logged ``img/s`` windows, leaving out the first and
@@ -24,7 +26,7 @@ Figures per run:
 
 Usage::
 
-    python bench/versus.py [--epochs 5] [--repeats 3] [--quick]
+    python bench/versus.py [--epochs 8] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from common import DEFAULT_ROOT, REPO, abba, bench_env, fmt_ms, free_port, loada
 
 CONFIG = REPO / "bench" / "versus_tldist.yaml"
 LOG_LINE = re.compile(r"step (\d+)/(\d+) .* (\d+) img/s")
+EVAL_LINE = re.compile(r"eval val @ step \d+: top1 ([\d.]+)%")
 
 
 def prepare_digits(root: Path) -> tuple[Path, Path]:
@@ -114,7 +117,8 @@ def run_tldist(shards: Path, out: Path, *, processes: int, epochs: int, seed: in
     images = result["step"] * gb
     assert result["world_size"] == processes and result["ranks_agree"] is not False, result
     return {"wall": wall, "job_ips": images / wall, "train_ips": tldist_train_rate(proc.stdout, spe, log_every),
-            "top1": result.get("eval/top1", float("nan")), "images": images, "samples": samples, "world_size": result["world_size"]}
+            "top1": result.get("eval/top1", float("nan")), "images": images, "samples": samples,
+            "world_size": result["world_size"], "curve": [float(v) for v in EVAL_LINE.findall(proc.stdout)]}
 
 
 def run_reference(images_dir: Path, out: Path, *, epochs: int, seed: int, timeout: int = 1800) -> dict:
@@ -123,21 +127,21 @@ def run_reference(images_dir: Path, out: Path, *, epochs: int, seed: int, timeou
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "bench" / "reference_train.py"), "--data-path", str(images_dir),
            "--model", "resnet18",
-           "--batch-size", "32", "--epochs", str(epochs), "--workers", "1", "--lr", "0.1",
-           "--lr-scheduler", "cosineannealinglr", "--train-crop-size", "16", "--val-crop-size", "16",
+           "--batch-size", "32", "--epochs", str(epochs), "--workers", "1", "--lr", "0.025",
+           "--lr-scheduler", "cosineannealinglr", "--train-crop-size", "32", "--val-crop-size", "32",
            "--crop-scale-min", "0.5", "--output-dir", str(out / "ckpt"), "--json", str(out / "result.json"),
            "--seed", str(seed), "--print-freq", "0"]
     _, wall = timed_run(cmd, "reference", timeout)
     r = json.loads((out / "result.json").read_text())
     assert r["world_size"] == 2, r
     return {"wall": wall, "job_ips": r["train_images"] / wall, "train_ips": r["train_images_per_s"],
-            "top1": r["top1"], "images": r["train_images"]}
+            "top1": r["top1"], "images": r["train_images"], "curve": [h["top1"] for h in r["history"]]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT / "digits")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, 1 repeat")
     a = p.parse_args(argv)
@@ -145,23 +149,21 @@ def main(argv=None) -> int:
         a.epochs, a.repeats = 1, 1
     images, shards = prepare_digits(a.root)
     print(machine_line())
-    print(f"# resnet18 @ 16px, batch 32/process x 2 processes (gloo), fp32, {a.epochs} epochs, 1 torch thread and "
+    print(f"# resnet18 @ 32px, batch 32/process x 2 processes (gloo), fp32, {a.epochs} epochs, 1 torch thread and "
           f"1 loader worker per process; {a.repeats} repeats, order alternating")
-    systems = ["tldist", "tldist-nchw", "reference"]
+    systems = ["tldist", "reference"]
     res: dict[str, list[dict]] = {n: [] for n in systems}
     load_before = loadavg()
     for r, name in abba(systems, a.repeats):
         out = a.root / "runs" / f"{name}{r}"
         if name == "tldist":
             x = run_tldist(shards, out, processes=2, epochs=a.epochs, seed=r)
-        elif name == "tldist-nchw":  # tldist with channels_last off, like the reference
-            x = run_tldist(shards, out, processes=2, epochs=a.epochs, seed=r, extra=["train.channels_last=false"])
         else:
             x = run_reference(images, out, epochs=a.epochs, seed=r)
         res[name].append(x)
         print(f"  repeat {r} {name:11s} wall {x['wall']:6.1f}s  job {x['job_ips']:6.1f} img/s  "
               f"train {x['train_ips']:6.1f} img/s  top1 {x['top1']:.2f}%  ({x['images']} images; "
-              f"load {loadavg()})", flush=True)
+              f"load {loadavg()})\n    top1 per epoch: {' '.join(f'{v:.1f}' for v in x['curve'])}", flush=True)
     print(f"# load average before {load_before}, after {loadavg()}")
     print("\n## Per system (median [min-max] over repeats)\n")
     print(table(["system", "job img/s", "train img/s", "wall s", "final top1 %"],
@@ -170,7 +172,7 @@ def main(argv=None) -> int:
     ref = res["reference"]
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     rows = []
-    for name in ("tldist", "tldist-nchw"):
+    for name in ("tldist",):
         t = res[name]
         job = [x["job_ips"] / y["job_ips"] for x, y in zip(t, ref)]
         train = [x["train_ips"] / y["train_ips"] for x, y in zip(t, ref)]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_bad_config_names_the_key(overrides, key):
 def test_two_processes_separate_heads(tiny_shards, tmp_path):
     from safetensors.torch import load_file
 
-    from test_adapt import TINY, cli, run
+    from test_adapt import REPO, TINY, cli, env, run
 
     make_shard_set(tmp_path / "b" / "train", split="train", n=120, shards=3, num_classes=3, seed=4, prefix="b")
     make_shard_set(tmp_path / "b" / "val", split="val", n=45, shards=2, num_classes=3, seed=5, prefix="b")
@@ -78,3 +79,9 @@ def test_two_processes_separate_heads(tiny_shards, tmp_path):
     assert load_file(str(ckpt / "model.safetensors"))["fc.weight"].shape[0] == 4 + 3  # c0..c3 and c0..c2 apart
     tasks = json.loads((ckpt / "trainer.json").read_text())["tasks"]
     assert [(t["offset"], len(t["classes"]), t["loss_weight"]) for t in tasks] == [(0, 4, 1.0), (4, 3, 2.0)]
+    # `tldist eval` scores one head; on one task's val set the 7-output head does not fit its 3
+    # classes, and a fresh head would score noise: refused with the reason, not a traceback
+    proc = subprocess.run(cli("eval", "configs/test_tiny.yaml", f"data.val={tmp_path}/b/val", *TINY,
+                              "--checkpoint", str(ckpt)), capture_output=True, text=True, cwd=REPO, env=env())
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "has a head for 7 classes but 3 are expected" in proc.stderr + proc.stdout

@@ -253,3 +253,34 @@ def test_missing_local_shard_is_a_data_error(data, tmp_path):
         build_train_loader(cfg([tmp_path / "nowhere"]), World(0, 1), image_size=SIZE)
     with pytest.raises(ConfigError, match="train_weights"):
         build_train_loader(cfg([tmp_path / "c"], train_weights=[1.0, 2.0]), World(0, 1), image_size=SIZE)
+
+
+class _BufferProbe(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        from tldist.data.worker import batch_buffer
+
+        batch = batch_buffer(2, 4)
+        yield {"shared_in_worker": batch.is_shared(), "image": batch.fill_(3)}
+
+
+def test_worker_batches_are_allocated_in_shared_memory():
+    """Batches are born in shared memory inside workers (nothing to copy when they are sent)."""
+    from tldist.data.worker import batch_buffer
+
+    assert not batch_buffer(2, 4).is_shared()  # in the main process: ordinary memory
+    (item,) = list(torch.utils.data.DataLoader(_BufferProbe(), batch_size=None, num_workers=1))
+    assert item["shared_in_worker"] is True and item["image"].shape == (2, 3, 4, 4) and bool(item["image"].eq(3).all())
+
+
+def test_recycled_batch_buffers_give_the_same_batches(data):
+    """With recycle_batches, workers refill a consumed batch's buffer: same batches, buffers reused."""
+    c = cfg([data["root"] / "clean"], num_workers=2)
+    ref = build_train_loader(c, World(0, 1), image_size=SIZE)
+    recycled = build_train_loader(c, World(0, 1), image_size=SIZE, recycle_batches=True)
+    bufs = []
+    for _ in range(16):
+        a, b = next(ref), next(recycled)
+        assert torch.equal(a["image"], b["image"]) and a["key"] == b["key"] and a["_buf"] == -1
+        bufs.append((b["_worker"], b["_buf"]))
+    assert all(k >= 0 for _, k in bufs) and len(set(bufs)) < len(bufs)  # 8 batches per worker, fewer buffers
+    ref.close(), recycled.close()

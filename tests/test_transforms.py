@@ -82,6 +82,20 @@ def test_eval_transform_center_crop_pil_vs_torchvision():
     assert (a.float() - b.float()).abs().mean() < 3  # same geometry, resamplers differ slightly
 
 
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_transforms_write_into_a_batch_row(decoder):
+    """``out=batch[i]`` (how loader workers fill a preallocated batch) gives the very same pixels."""
+    img = decode_image(_encode(_gradient(50, 40), "PNG"), decoder)
+    batch = torch.full((2, 3, 20, 20), 7, dtype=torch.uint8)
+    train = build_train_transform(20, (0.3, 1.0), True)
+    for i in range(2):
+        assert train(img, random.Random(i), out=batch[i]).data_ptr() == batch[i].data_ptr()
+        assert torch.equal(batch[i], train(img, random.Random(i)))
+    ev = build_eval_transform(20)
+    ev(img, out=batch[1])
+    assert torch.equal(batch[1], ev(img)) and torch.equal(batch[0], train(img, random.Random(0)))
+
+
 def test_bad_settings_raise_config_error():
     with pytest.raises(ConfigError, match="lanczos2"):
         build_train_transform(16, (0.1, 1.0), True, "lanczos2")

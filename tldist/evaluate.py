@@ -34,7 +34,7 @@ def evaluate_checkpoint(cfg: JobConfig, checkpoint: str) -> dict[str, Any]:
     classes = load_manifest(cfg.data.val).classes
     num_classes = cfg.model.num_classes or len(classes)
     model_cfg = dataclasses.replace(cfg.model, checkpoint=str(checkpoint), pretrained=True)
-    model, info = build_model(model_cfg, num_classes, image_size=cfg.data.image_size)
+    model, info = build_model(model_cfg, num_classes, image_size=cfg.data.image_size, require_head=True)
     model.to(accelerator.device).eval()
     image_size = cfg.data.image_size or info.input_size
     loader = build_eval_loader(cfg.data, world_of(accelerator), image_size=image_size,

@@ -58,7 +58,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     model_cfg = dataclasses.replace(cfg.model, checkpoint=str(ckpt), pretrained=True)
     image_size = trainer.get("image_size") or cfg.data.image_size
-    model, info = build_model(model_cfg, len(classes) or cfg.model.num_classes, image_size=image_size)
+    model, info = build_model(model_cfg, len(classes) or cfg.model.num_classes, image_size=image_size,
+                              require_head=True)
     image_size = image_size or info.input_size
     meta: dict[str, Any] = {
         "model": cfg.model.name, "num_classes": len(classes), "classes": classes,

@@ -70,7 +70,7 @@ def load_model(path: str | os.PathLike, flag: str = "--model") -> LoadedModel:
                         "export it with 'tldist export' from a run that knows its classes")
     image_size = trainer.get("image_size") or cfg.data.image_size
     model_cfg = dataclasses.replace(cfg.model, checkpoint=str(ckpt), pretrained=True)
-    model, info = build_model(model_cfg, num_classes, image_size=image_size)
+    model, info = build_model(model_cfg, num_classes, image_size=image_size, require_head=True)
     image_size = image_size or info.input_size
     meta = {"model": cfg.model.name, "num_classes": num_classes, "classes": classes,
             "preprocess": {"image_size": image_size, "resize": int(round(image_size / info.crop_pct)),

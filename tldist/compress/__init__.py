@@ -92,7 +92,7 @@ def load_export(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any], lis
 
     meta = read_export_meta(path)
     model, info = build_model(ModelConfig(name=meta["model"], pretrained=True, checkpoint=str(path)),
-                              int(meta["num_classes"]), image_size=int(meta["preprocess"]["image_size"]))
+                              int(meta["num_classes"]), image_size=int(meta["preprocess"]["image_size"]), require_head=True)
     return model.eval(), meta, list(info.head)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from typing import Any, Iterator, Optional
 
 import torch
@@ -39,6 +40,11 @@ log = logging.getLogger("tldist.data")
 
 STATE_VERSION = 1
 
+
+RECYCLE_HOLD = 2
+"""With ``recycle_batches``, a batch's image buffer is refilled once this many later batches were handed out."""
+RECYCLE_BUFFERS = 6
+"""Buffers per worker: the one being filled, those queued (prefetch) and those held (RECYCLE_HOLD)."""
 
 SIGTERM_GRACE_S = 15.0
 """How long a loader worker keeps serving after SIGTERM (see :func:`_defer_sigterm`)."""
@@ -77,18 +83,22 @@ class TrainLoader:
     """Infinite iterator of training batches for this rank, with exact ``state_dict`` resume.
 
     Batch fields: ``image`` uint8 [B,3,H,W], ``label`` int64 [B], ``key`` list[str],
-    ``source`` int64 [B] (mixture index), ``_worker`` (logical worker), ``_pos`` (that
-    worker's stream position after the batch), ``_read``/``_skipped`` (its cumulative counts).
+    ``source`` int64 [B] (mixture index), ``_worker`` (logical worker), ``_buf`` (its buffer
+    index, -1 if not recycled), ``_pos`` (that worker's stream position after the batch),
+    ``_read``/``_skipped`` (its cumulative counts).
     """
 
     def __init__(self, dataset: TrainDataset, *, world: World, num_workers: int, epoch_samples: int,
-                 classes: list[str], source_names: list[str], pin_memory: bool = True, prefetch_factor: int = 2):
+                 classes: list[str], source_names: list[str], pin_memory: bool = True, prefetch_factor: int = 2,
+                 recycle_batches: bool = False):
         self.dataset, self.world, self.num_workers = dataset, world, num_workers
         self.classes, self.source_names = classes, source_names
         self.num_samples = epoch_samples
         self.batch_size = dataset.batch_size
         self.steps_per_epoch = epoch_samples // (world.world_size * dataset.batch_size)
         self._pin, self._prefetch = pin_memory, prefetch_factor
+        self._recycle = recycle_batches and num_workers > 0
+        self._held: deque[tuple[int, int]] = deque()  # (worker, buffer) of recent batches not yet released
         self._workers = dataset.workers
         self._states = [dict(s) for s in dataset.start]  # per logical worker, as of the last batch handed out
         self._batches = 0
@@ -104,6 +114,10 @@ class TrainLoader:
             # a fresh DataLoader starts with its worker 0: make it play logical worker n % W
             self.dataset.rotation = self._batches % self._workers
             self.dataset.start = [dict(s) for s in self._states]
+            # new workers get their own buffer flags (old workers may still be shutting down)
+            self.dataset.free = torch.ones(self._workers, RECYCLE_BUFFERS, dtype=torch.uint8).share_memory_() \
+                if self._recycle else None
+            self._held.clear()
             self._loader = _make_dataloader(self.dataset, self.num_workers, self._pin, self._prefetch)
             self._it = iter(self._loader)
         batch = next(self._it)
@@ -115,6 +129,10 @@ class TrainLoader:
         positions, mix = ([pos], 0) if isinstance(pos, int) else (list(pos["sources"]), int(pos["mix"]))
         self._states[w] = {"positions": positions, "mix": mix, "read": batch["_read"], "skipped": batch["_skipped"]}
         self._batches += 1
+        if self._recycle and batch["_buf"] >= 0:  # the batch RECYCLE_HOLD before this one is done with
+            self._held.append((w, batch["_buf"]))
+            while len(self._held) > RECYCLE_HOLD:
+                self.dataset.free[self._held.popleft()] = 1
         # -- fault threshold over this rank's workers
         stats = self.stats()
         read, skipped = stats["read"], stats["skipped"]
@@ -257,8 +275,13 @@ def _check(cfg: DataConfig) -> None:
 
 
 def build_train_loader(cfg: DataConfig, world: World, *, image_size: int, interpolation: str = "bilinear",
-                       prefetch_factor: int = 2) -> TrainLoader:
+                       prefetch_factor: int = 2, recycle_batches: bool = False) -> TrainLoader:
     """Infinite, exactly resumable training loader for this rank (see :class:`TrainLoader`).
+
+    With ``recycle_batches`` the workers refill a batch's shared-memory image buffer once
+    :data:`RECYCLE_HOLD` later batches have been handed out, sparing a fresh allocation per
+    batch: only for consumers that are done with a batch by then (the training loop is;
+    ``clone()`` an image tensor to keep it longer).
 
     Do not pass it to ``accelerator.prepare``. Raises :class:`DataError` for missing manifests
     or local shards and :class:`ConfigError` for inconsistent ``data.*`` settings.
@@ -293,7 +316,7 @@ def build_train_loader(cfg: DataConfig, world: World, *, image_size: int, interp
     epoch_samples = cfg.samples_per_epoch or sum(s.num_samples for s in sources)
     return TrainLoader(dataset, world=world, num_workers=cfg.num_workers, epoch_samples=epoch_samples,
                        classes=classes, source_names=[str(t) for t in cfg.train], pin_memory=cfg.pin_memory,
-                       prefetch_factor=prefetch_factor)
+                       prefetch_factor=prefetch_factor, recycle_batches=recycle_batches)
 
 
 def build_eval_loader(cfg: DataConfig, world: World, *, image_size: int, interpolation: str = "bilinear",

@@ -26,8 +26,9 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
+from tldist.data.tar import iter_members
 from tldist.errors import ConfigError
 
 log = logging.getLogger("tldist.data")
@@ -158,8 +159,8 @@ def read_shard(url: str, skip: int, take: int) -> Iterator[Record]:
 
     try:
         stream = gopen(url, "rb")
-        for member in tar_file_iterator(stream, select_files=select):
-            prefix, ext = base_plus_ext(member["fname"])
+        for fname, data in iter_members(stream, select):
+            prefix, ext = base_plus_ext(fname)
             if prefix != key:
                 if fields is not None:  # a sample is complete when the next key starts
                     yield Record(key, url, fields)
@@ -167,7 +168,7 @@ def read_shard(url: str, skip: int, take: int) -> Iterator[Record]:
                     if produced == take:
                         return
                 key, fields = prefix, {}
-            fields[ext.lower()] = member["data"]
+            fields[ext.lower()] = data
         if fields is not None:
             yield Record(key, url, fields)
             produced += 1

@@ -70,12 +70,14 @@ class ModelInfo:
     """Block classes present in the model, suggested as FSDP wrap units (may be empty)."""
 
 
-def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0) -> tuple[nn.Module, ModelInfo]:
+def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0,
+                require_head: bool = False) -> tuple[nn.Module, ModelInfo]:
     """Build ``cfg.name`` with a fresh ``num_classes`` head; returns the model (CPU, fp32) and its info.
 
     ``image_size`` (0: the weights' own size) sets the input resolution; it matters for
     ViTs, whose position embeddings are built for (and, when pretrained, resized to) it.
-    ``cfg.checkpoint``, when set, is loaded instead of the pretrained weights.
+    ``cfg.checkpoint``, when set, is loaded instead of the pretrained weights; with
+    ``require_head`` (scoring or exporting a trained model) its head must fit ``num_classes``.
     """
     if num_classes < 1:
         raise ConfigError(f"config key 'model.num_classes' has bad value {num_classes!r}: must be >= 1")
@@ -85,7 +87,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0) -> t
         model, info = _build_torchvision(cfg, num_classes, image_size)
     info.block_class_names = _block_names(model)
     if cfg.checkpoint:
-        load_checkpoint(model, info, cfg.checkpoint)
+        load_checkpoint(model, info, cfg.checkpoint, require_head=require_head)
     return model, info
 
 
@@ -314,11 +316,12 @@ def _block_names(model: nn.Module) -> list[str]:
 # ---------------------------------------------------------------- checkpoints
 
 
-def load_checkpoint(model: nn.Module, info: ModelInfo, path: str | os.PathLike) -> None:
+def load_checkpoint(model: nn.Module, info: ModelInfo, path: str | os.PathLike, *, require_head: bool = False) -> None:
     """Initialise ``model`` from a local checkpoint (see ``model.checkpoint``), in place.
 
     Head tensors whose shape differs from the new head are dropped (the new head keeps
-    its init); any other missing, unexpected or mis-shaped key raises :class:`UserError`.
+    its init), unless ``require_head``, where that raises :class:`UserError` like any other
+    missing, unexpected or mis-shaped key.
     """
     state, src = _read_state(Path(path).expanduser(), info)
     own = model.state_dict()
@@ -328,6 +331,12 @@ def load_checkpoint(model: nn.Module, info: ModelInfo, path: str | os.PathLike) 
 
         state = dict(interpolate_embeddings(info.input_size, model.patch_size, state))
     dropped = [k for k, v in state.items() if k in own and _under(k, info.head) and v.shape != own[k].shape]
+    if dropped and require_head:
+        old = int(state[dropped[0]].shape[0])
+        raise UserError(
+            f"model.checkpoint '{src}' has a head for {old} classes but {info.num_classes} are expected here "
+            "(a model.heads=separate checkpoint has one output per class of all its tasks); a fresh head would "
+            "make the result meaningless: use data whose classes match the checkpoint's")
     for k in dropped:
         del state[k]
     missing = [k for k in own if k not in state and not _under(k, info.head) and not k.endswith("num_batches_tracked")]

@@ -14,7 +14,7 @@ Launch facts this module encodes (measured on CPU machines, see the README):
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -33,8 +33,12 @@ def build_accelerator(cfg: TrainConfig):
     if use_fsdp and cfg.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 is not supported with FSDP in tldist; use bf16")
     cpu = not torch.cuda.is_available()
-    # Frozen stages (linear probe, last_n) leave parameters without gradients.
-    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
+    # Frozen stages (linear probe, last_n) leave parameters without gradients. Gradients are views
+    # into DDP's all-reduce buckets (no copy in or out of the buckets each step). BatchNorm buffers
+    # are not broadcast before every forward: each rank keeps its own running statistics, and
+    # the trainer averages them before every evaluation and checkpoint (average_buffers).
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False,
+                                               gradient_as_bucket_view=True)
     return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp_kwargs],
                        step_scheduler_with_optimizer=False)
 
@@ -89,12 +93,61 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def all_reduce_flag(flag: bool, device: Optional[torch.device] = None) -> bool:
-    """True if ``flag`` is set on any rank (call on every rank)."""
+def average_buffers(model: nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over ranks, in place
+    (call on every rank).
+
+    Like timm's ``distribute_bn(reduce=True)``: under DDP without per-forward buffer broadcasts
+    every rank's statistics drift apart; averaging them before an evaluation or a checkpoint
+    makes all ranks evaluate the model that is saved. Frozen statistics are identical on all
+    ranks and stay so (up to rounding for world sizes that are not powers of two).
+    """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    bufs = [b for b in model.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in bufs])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    with torch.no_grad():
+        for b in bufs:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+class StopVote:
+    """Ranks agree on a stop request one step late, so that the vote never stalls a step.
+
+    ``poll(flag)`` starts a non-blocking MAX all-reduce of this rank's flag and returns the agreed
+    result of the previous poll (False at the first). By the time that result is read, a whole
+    training step has been queued behind it, so neither the host nor an accelerator waits on the
+    vote. Without a process group ``poll`` returns ``flag`` at once. Call ``poll`` and ``finish``
+    on every rank, at the same points relative to other collectives.
+    """
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.device = device
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None
+
+    def poll(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        agreed = self.finish()
+        if not (dist.is_available() and dist.is_initialized()):
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
+        return agreed
+
+    def finish(self) -> bool:
+        """Wait for the outstanding vote, if any, and return it."""
+        if self._pending is None:
+            return False
+        work, t = self._pending
+        self._pending = None
+        work.wait()
+        return bool(t.item() > 0)

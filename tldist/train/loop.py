@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from tldist.config import CheckpointConfig, TrainConfig
 from tldist.train.checkpoint import CheckpointManager
-from tldist.train.distributed import all_reduce_flag
+from tldist.train.distributed import StopVote, average_buffers
 from tldist.train.metrics import EvalAccumulator
 from tldist.train.tracking import Tracker
 
@@ -123,6 +123,7 @@ class Trainer:
         return images, batch["label"].to(self.device, non_blocking=True)
 
     def _clip(self) -> torch.Tensor:
+        """Clip the gradients to ``clip_grad_norm`` (when > 0); their total norm before clipping."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")
         if self.fsdp:
@@ -131,20 +132,46 @@ class Trainer:
         return self.accelerator.clip_grad_norm_(params, max_norm)
 
     # ---- training --------------------------------------------------------------------------
+    def _log_due(self, step: int) -> bool:
+        return step % self.cfg.log_every_steps == 0 or step == self.total_steps
+
     def fit(self) -> dict[str, Any]:
-        """Train until ``total_steps`` or a stop request (call on every rank)."""
-        criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
-        data_iter = iter(self.train_loader)
-        accum = self.cfg.grad_accum
-        global_batch = self.global_batch
+        """Train until ``total_steps`` or a stop request (call on every rank).
+
+        The steady state has no host-device synchronisation of its own: the loss is summed on
+        the device and read at log steps, the gradient norm is computed only when clipping or
+        logging needs it, and the ranks' stop vote is read one step late (:class:`StopVote`).
+        """
         profiler = self._profiler()
         trace = None
         if self.cfg.trace_samples:
             (self.output_dir / "trace").mkdir(parents=True, exist_ok=True)
             trace = open(self.output_dir / "trace" / f"rank{self.accelerator.process_index}.jsonl", "a")
-        window = torch.zeros(4, dtype=torch.float64)  # loss_sum, micro-batches, data_wait_s, elapsed_s
-        window_steps, last_metrics, stopped = 0, {}, False
         bar = _progress_bar(self.is_main, self.state.step, self.total_steps)
+        try:
+            stopped, last_metrics = self._steps(profiler, trace, bar)
+        finally:  # a failing step still leaves a profiler trace and a flushed sample trace
+            bar.close()
+            if profiler is not None:
+                profiler.stop()
+            if trace is not None:
+                trace.close()
+        data = self._data_totals()
+        return {"step": self.state.step, "stopped": stopped, "best_top1": self.state.best_metric,
+                "best_step": self.state.best_step, "data_read": data["read"], "data_skipped": data["skipped"],
+                **self.consistency(),
+                **{k: v for k, v in last_metrics.items() if not isinstance(v, list)}}
+
+    def _steps(self, profiler, trace, bar) -> tuple[bool, dict[str, Any]]:
+        """The step loop of :meth:`fit`; (stopped, last eval metrics)."""
+        criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        data_iter = iter(self.train_loader)
+        accum = self.cfg.grad_accum
+        global_batch = self.global_batch
+        window = torch.zeros(4, dtype=torch.float64)  # loss_sum, micro-batches, data_wait_s, elapsed_s
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # read at log steps only
+        window_steps, last_metrics, stopped, grad_norm = 0, {}, False, None
+        vote = StopVote(self.device)
         tick = time.perf_counter()
         self.model.train()
         while self.state.step < self.total_steps:
@@ -160,9 +187,10 @@ class Trainer:
                     loss = criterion(logits, labels) if self.tasks is None else self.tasks.loss(
                         logits, labels, batch["source"], self.cfg.label_smoothing)
                     self.accelerator.backward(loss / accum)
-                window[0] += loss.detach().float().item()
+                loss_sum += loss.detach().float()
                 window[1] += 1
-            grad_norm = self._clip()
+            if self.cfg.clip_grad_norm > 0 or self._log_due(self.state.step + 1):
+                grad_norm = self._clip()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -177,10 +205,11 @@ class Trainer:
                 trace.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
                 trace.flush()
 
-            if step % self.cfg.log_every_steps == 0 or step == self.total_steps:
-                window[3] = time.perf_counter() - tick
+            if self._log_due(step):
+                window[0], window[3] = loss_sum.item(), time.perf_counter() - tick
                 self._log_train(window, window_steps, global_batch, grad_norm)
                 window.zero_()
+                loss_sum.zero_()
                 window_steps, tick = 0, time.perf_counter()
             epoch_end = step % self.steps_per_epoch == 0
             eval_due = (self.cfg.eval_every_steps and step % self.cfg.eval_every_steps == 0) or \
@@ -192,7 +221,9 @@ class Trainer:
                 if top1 is not None and top1 > self.state.best_metric:
                     self.state.best_metric, self.state.best_step, new_best = top1, step, top1
                 self.model.train()
-            stopped = all_reduce_flag(_STOP.is_set(), self.device)
+            stopped = vote.poll(_STOP.is_set())
+            if stopped or step == self.total_steps:
+                vote.finish()  # no collective left in flight
             ckpt_due = (self.ckpt_cfg.every_steps and step % self.ckpt_cfg.every_steps == 0) or epoch_end \
                 or step == self.total_steps or stopped or new_best is not None
             if ckpt_due:
@@ -200,16 +231,7 @@ class Trainer:
             if stopped:
                 self.tracker.mark_preempting()
                 break
-        bar.close()
-        if profiler is not None:
-            profiler.stop()
-        if trace is not None:
-            trace.close()
-        data = self._data_totals()
-        return {"step": self.state.step, "stopped": stopped, "best_top1": self.state.best_metric,
-                "best_step": self.state.best_step, "data_read": data["read"], "data_skipped": data["skipped"],
-                **self.consistency(),
-                **{k: v for k, v in last_metrics.items() if not isinstance(v, list)}}
+        return stopped, last_metrics
 
     def _data_totals(self) -> dict[str, int]:
         """Train samples read and skipped (corrupt, truncated, unreachable), summed over ranks and
@@ -223,7 +245,7 @@ class Trainer:
 
     def consistency(self) -> dict[str, Any]:
         """World size, whether parameters are sharded (FSDP2 DTensors), and whether all ranks hold
-        identical parameters (DDP) — a guard against "distributed" runs that are really N single runs
+        identical parameters and floating-point buffers (DDP) — a guard against "distributed" runs that are really N single runs
         (call on every rank)."""
         from torch.distributed.tensor import DTensor
 
@@ -232,6 +254,7 @@ class Trainer:
         params = list(self.model.parameters())
         sharded = bool(params) and all(isinstance(p, DTensor) for p in params)
         local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        local += [b for b in self.model.buffers() if b.is_floating_point()]  # BatchNorm statistics too
         checksum = float(sum(p.detach().double().sum() for p in local))
         sums = gather_objects(checksum)
         return {"world_size": self.accelerator.num_processes, "sharded_params": sharded,
@@ -272,6 +295,7 @@ class Trainer:
         The first eval set's per-class accuracy, confusion matrix and a few sample predictions
         (from rank 0's first batch) also go to the tracker.
         """
+        average_buffers(self.model)
         self.model.eval()
         metrics: dict[str, Any] = {}
         for i, (name, loader) in enumerate(self.eval_loaders.items()):
@@ -304,6 +328,7 @@ class Trainer:
     # ---- checkpoints -----------------------------------------------------------------------
     def save(self, metric: Optional[float] = None) -> Path:
         """Checkpoint the current step (call on every rank)."""
+        average_buffers(self.model)
         state = {**self.state.state_dict(), "tracker": self.tracker.state_dict(),
                  "world_size": self.accelerator.num_processes, "steps_per_epoch": self.steps_per_epoch}
         path = self.checkpoints.save(self.state.step, model=self.model, optimizer=self.raw_optimizer,

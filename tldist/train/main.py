@@ -106,7 +106,8 @@ def build(cfg: JobConfig) -> Trainer:
     model, info = build_model(cfg.model, num_classes, image_size=cfg.data.image_size)
     apply_transfer(model, cfg.transfer, info)
     image_size = cfg.data.image_size or info.input_size
-    train_loader = build_train_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation)
+    train_loader = build_train_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation,
+                                      recycle_batches=True)  # the loop is done with a batch by its next step
     eval_loaders = {}
     val_sets = ([("val", cfg.data.val)] if cfg.data.val else []) + [(eval_set_name(v), v) for v in cfg.data.val_sets]
     for i, (name, location) in enumerate(val_sets):
