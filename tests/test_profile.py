@@ -44,7 +44,7 @@ def step_numbers(trace: dict) -> set[int]:
 
 def test_profile_writes_trace_of_active_steps(tiny_shards, tmp_path):
     out = tmp_path / "run"
-    train(tiny_shards, out, "train.max_steps=8", "train.profile=true")
+    train(tiny_shards, out, "train.max_steps=8", "--profile")  # the CLI flag for train.profile=true
     traces = read_traces(out)
     assert len(traces) == 1, sorted(p.name for p in (out / "profile").iterdir())
     assert (out / "profile").glob("rank0*")  # named after the rank that wrote it

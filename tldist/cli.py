@@ -17,7 +17,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tldist.config import load_config
     from tldist.train.main import run
 
-    result = run(load_config(args.config, args.overrides))
+    overrides = [*args.overrides, *(["train.profile=true"] if args.profile else [])]
+    result = run(load_config(args.config, overrides))
     return 0 if not result.get("stopped") else 3
 
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a backbone on shards (run under accelerate launch or alone)")
     p.add_argument("config", help="YAML config, e.g. configs/demo_target.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 data.batch_size=64")
+    p.add_argument("--profile", action="store_true",
+                   help="write a torch profiler trace of steps 2-4 to OUTPUT_DIR/profile (= train.profile=true)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's val shards")
