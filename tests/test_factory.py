@@ -135,6 +135,20 @@ def test_checkpoint_state_dict_pt_keeps_matching_head(tmp_path, trained):
     assert all(torch.equal(got[k], v) for k, v in sd.items())
 
 
+def test_require_head_refuses_missing_or_mismatched_heads(tmp_path, trained):
+    """Scoring/exporting (require_head) a checkpoint must not silently get a fresh head."""
+    sd, key = trained
+    torch.save({k: v for k, v in sd.items() if not k.startswith("classifier.3.")}, tmp_path / "backbone.pt")
+    assert torch.equal(_load(tmp_path / "backbone.pt")[key], sd[key])  # fine for fine-tuning: a new head
+    with pytest.raises(UserError, match="holds no classification head"):
+        build_model(_cfg("mobilenet_v3_small", checkpoint=str(tmp_path / "backbone.pt")), 4, require_head=True)
+    torch.save(sd, tmp_path / "ck.pt")
+    with pytest.raises(UserError, match=r"does not fit the 3 classes expected here \(classifier.3.weight \(4, 1024\)"):
+        build_model(_cfg("mobilenet_v3_small", checkpoint=str(tmp_path / "ck.pt")), 3, require_head=True)
+    model, _ = build_model(_cfg("mobilenet_v3_small", checkpoint=str(tmp_path / "ck.pt")), 4, require_head=True)
+    assert torch.equal(model.state_dict()["classifier.3.weight"], sd["classifier.3.weight"])
+
+
 def test_checkpoint_wrapped_and_prefixed(tmp_path, trained):
     sd, key = trained
     torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "a.pth")

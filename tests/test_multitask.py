@@ -84,4 +84,26 @@ def test_two_processes_separate_heads(tiny_shards, tmp_path):
     proc = subprocess.run(cli("eval", "configs/test_tiny.yaml", f"data.val={tmp_path}/b/val", *TINY,
                               "--checkpoint", str(ckpt)), capture_output=True, text=True, cwd=REPO, env=env())
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "has a head for 7 classes but 3 are expected" in proc.stderr + proc.stdout
+    assert "does not fit the 3 classes expected here (fc.weight (7, 512) vs (3, 512)" in proc.stderr + proc.stdout
+    # export keeps the task layout; predict scores each task over its own head
+    export = tmp_path / "export"
+    run(cli("export", str(ckpt), str(export)))
+    meta = json.loads((export / "model.json").read_text())
+    assert [(t["offset"], len(t["classes"])) for t in meta["tasks"]] == [(0, 4), (4, 3)]
+    import numpy as np
+
+    from conftest import tiny_image
+
+    img = tmp_path / "x.png"
+    img.write_bytes(tiny_image(1, np.random.default_rng(3)))
+    lines = run(cli("predict", str(export), str(img), "--top-k", "5")).stdout.strip().splitlines()
+    assert [line.split("  ")[1] for line in lines] == [f"[{t['name']}]" for t in meta["tasks"]]
+    assert [len(line.split("  ")[2:]) for line in lines] == [4, 3]  # top-5 capped at each head's classes
+    for line in lines:
+        assert abs(sum(float(x.split()[1]) for x in line.split("  ")[2:]) - 1) < 0.01  # one softmax per head
+    # compress and adapt work on one head: refused with the reason
+    for cmd in (cli("compress", "prune", str(export), "--out", str(tmp_path / "p"), "--val", f"{tmp_path}/b/val",
+                    "--sparsity", "0.5"),
+                cli("adapt", "adabn", "--model", str(ckpt), "--target", f"{tmp_path}/b/train", "--out", str(tmp_path / "a"))):
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env())
+        assert proc.returncode == 2 and "multi-task" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -91,3 +91,45 @@ def test_truncated_and_corrupt_archives_raise():
 def test_empty_stream_and_end_blocks_only():
     assert list(iter_members(io.BytesIO(b""))) == []
     assert list(iter_members(io.BytesIO(bytes(1024)))) == []
+
+
+def _block(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512)
+
+
+def _pax_header(**records: str) -> bytes:
+    body = b""
+    for key, value in records.items():
+        rec = f" {key}={value}\n".encode()
+        n = len(rec) + len(str(len(rec) + 1))  # the length counts its own digits (short records here)
+        body += str(n).encode() + rec
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(body)
+    return _block(info, body)
+
+
+def test_pax_size_applies_to_the_next_member_only():
+    """Two pax headers in a row (the first with a size record): the size belongs to the file after both."""
+    member = tarfile.TarInfo("short.cls")  # its own size field says 0; the pax record says 3
+    archive = _pax_header(size="3") + _pax_header(path="long/name.cls") + _block(member) + b"abc".ljust(512, b"\0")
+    archive += _block(_info("next.cls", 1), b"7") + bytes(1024)
+    expected = [("long/name.cls", b"abc"), ("next.cls", b"7")]
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:  # the reference reading
+        assert [(m.name, tar.extractfile(m).read()) for m in tar] == expected
+    assert list(iter_members(io.BytesIO(archive))) == expected
+
+
+def _info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info
+
+
+def test_signed_checksums_are_accepted():
+    """Old tars summed header bytes as signed chars; tarfile accepts that, so does the parser."""
+    plain = _block(_info("a.cls", 1), b"1")
+    odd = bytearray(_block(_info("\u00fc.cls", 1), b"2"))  # a name byte > 127
+    signed = sum(b - 256 if b > 127 else b for b in odd[:148] + b" " * 8 + odd[156:512])
+    odd[148:156] = b"%06o\0 " % signed
+    archive = plain + bytes(odd) + bytes(1024)
+    assert list(iter_members(io.BytesIO(archive))) == [("a.cls", b"1"), ("\u00fc.cls", b"2")]

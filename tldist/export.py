@@ -67,7 +67,18 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
                        "std": list(info.std), "interpolation": info.interpolation},
         "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step"), "tldist_version": __version__,
     }
+    if trainer.get("tasks"):  # model.heads=separate: each task owns a slice of the outputs
+        meta["tasks"] = [{"name": t["name"], "classes": t["classes"], "offset": t["offset"]} for t in trainer["tasks"]]
     return write_export(model, meta, out_dir)
+
+
+def output_spans(meta: dict[str, Any]) -> list[tuple[Optional[str], int, int, list[str]]]:
+    """``(task name, first output, end, class names)`` per head of an export: one unnamed span for a
+    single head, one per task for ``model.heads=separate`` (scored with its own softmax)."""
+    if meta.get("tasks"):
+        return [(t["name"], t["offset"], t["offset"] + len(t["classes"]), list(t["classes"])) for t in meta["tasks"]]
+    n = int(meta["num_classes"])
+    return [(None, 0, n, list(meta["classes"]) or [str(i) for i in range(n)])]
 
 
 def write_export(model: Any, meta: dict[str, Any], out_dir: str | os.PathLike,
@@ -121,7 +132,8 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 @torch.no_grad()
 def predict(export_dir: str | Path, images: list[str], top_k: int = 3) -> list[dict[str, Any]]:
-    """Classify image files with an exported model; returns the top-k (class, probability) per image."""
+    """Classify image files with an exported model: the top-k (class, probability) per image, and
+    per task (``tasks``: name -> top-k, each over its own head) for a multi-task export."""
     from PIL import Image
 
     from tldist.data.transforms import Normalizer, build_eval_transform
@@ -137,10 +149,15 @@ def predict(export_dir: str | Path, images: list[str], top_k: int = 3) -> list[d
                 x = transform(im.convert("RGB"))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image '{path}': {e}") from None
-        probs = model(normalize(x[None])).softmax(-1)[0]
-        top = probs.topk(min(top_k, probs.numel()))
-        results.append({"image": path, "top": [(meta["classes"][i] if meta["classes"] else str(i), float(v))
-                                               for v, i in zip(top.values.tolist(), top.indices.tolist())]})
+        logits = model(normalize(x[None]))[0]
+        per_task = {}
+        for name, lo, hi, classes in output_spans(meta):
+            top = logits[lo:hi].softmax(-1).topk(min(top_k, hi - lo))
+            per_task[name] = [(classes[i], float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        result = {"image": path, "top": next(iter(per_task.values()))}
+        if meta.get("tasks"):
+            result["tasks"] = per_task
+        results.append(result)
     return results
 
 
@@ -152,7 +169,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     for r in predict(args.model, args.images, args.top_k):
-        print(r["image"] + "  " + "  ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+        for task, top in (r.get("tasks") or {None: r["top"]}).items():
+            print(r["image"] + (f"  [{task}]" if task else "") + "  " + "  ".join(f"{c} {p:.3f}" for c, p in top))
     return 0
 
 

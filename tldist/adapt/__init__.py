@@ -55,6 +55,7 @@ def load_model(path: str | os.PathLike, flag: str = "--model") -> LoadedModel:
                         "checkpoint directory (step_*) or a training run's output directory")
     if (p / "model.json").is_file():
         model, meta = load_exported(p)
+        _single_head(meta.get("tasks"), flag, p)
         return LoadedModel(model.eval(), meta, str(p.resolve()), "export")
     try:
         ckpt = _checkpoint_dir(p)
@@ -63,6 +64,7 @@ def load_model(path: str | os.PathLike, flag: str = "--model") -> LoadedModel:
                         "directory (no trainer.json / checkpoints/step_*): point it at one of those") from None
     cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
     trainer = json.loads((ckpt / "trainer.json").read_text())
+    _single_head(trainer.get("tasks"), flag, ckpt)
     classes = list(trainer.get("classes") or [])
     num_classes = len(classes) or cfg.model.num_classes
     if not num_classes:
@@ -77,6 +79,12 @@ def load_model(path: str | os.PathLike, flag: str = "--model") -> LoadedModel:
                            "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation},
             "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step")}
     return LoadedModel(model.eval(), meta, str(ckpt.resolve()), "checkpoint")
+
+
+def _single_head(tasks, flag: str, path: Path) -> None:
+    if tasks:
+        raise UserError(f"{flag} '{path}' is a multi-task model (model.heads=separate, {len(tasks)} heads); "
+                        "adaptation works on one head: give a single-task model")
 
 
 def check_out_dir(out: str | os.PathLike, inputs: dict[str, str], flag: str = "--out") -> None:

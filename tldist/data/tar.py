@@ -8,8 +8,10 @@ pax ``path``/``size`` records, GNU long names, numeric fields in octal or base-2
 header checksum. Anything else (a compressed ``.tar.gz`` shard, an unknown header) is handed
 to ``tarfile`` through WebDataset's iterator, with the bytes already read put back in front.
 
-Errors (truncated data, a corrupt header) raise ``tarfile.ReadError``; callers count the
-shard's missing samples as failed (see :func:`tldist.data.stream.read_shard`).
+Errors (truncated data, a corrupt header) raise ``tarfile.ReadError`` (``ValueError`` for a
+malformed number); callers count the shard's missing samples as failed (see
+:func:`tldist.data.stream.read_shard`). Sparse members (``tar -S``) are not supported: their
+samples are counted as failed, never silently misread.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def _plain(stream: BinaryIO, header: bytes, select) -> Iterator[tuple[str, bytes
         if not _checksum_ok(header):
             raise tarfile.ReadError("bad checksum in a tar header (corrupt or not a tar file)")
         kind = header[156:157]
-        size = pax_size if pax_size is not None else _number(header[124:136])
+        meta = kind in (b"x", b"L", b"g", b"K")  # headers that describe, or sit between, members
+        size = pax_size if pax_size is not None and not meta else _number(header[124:136])
         padded = -(-size // BLOCK) * BLOCK
         if kind in (b"x", b"L"):  # per-member pax records / GNU long name: they describe the next member
             data = _read_exact(stream, size)
@@ -60,7 +63,7 @@ def _plain(stream: BinaryIO, header: bytes, select) -> Iterator[tuple[str, bytes
             else:
                 records = _pax(data)
                 long_name = records.get("path", long_name)
-                pax_size = int(records["size"]) if "size" in records else None
+                pax_size = int(records["size"]) if "size" in records else pax_size
             header = _read(stream, BLOCK)
             continue
         name = long_name if long_name is not None else _name(header)
@@ -142,8 +145,13 @@ def _checksum_ok(header: bytes) -> bool:
         stored = _number(header[148:156])
     except ValueError:
         return False
-    # the checksum is the byte sum with its own 8-byte field counted as spaces
-    return stored == sum(header) - sum(header[148:156]) + 8 * 32
+    # the checksum is the byte sum with its own 8-byte field counted as spaces; some old tars
+    # summed signed bytes, which tarfile also accepts
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in header[:148] if b > 127) + sum(1 for b in header[156:] if b > 127)
+    return stored == unsigned - 256 * high
 
 
 def _number(field: bytes) -> int:

@@ -331,12 +331,17 @@ def load_checkpoint(model: nn.Module, info: ModelInfo, path: str | os.PathLike, 
 
         state = dict(interpolate_embeddings(info.input_size, model.patch_size, state))
     dropped = [k for k, v in state.items() if k in own and _under(k, info.head) and v.shape != own[k].shape]
-    if dropped and require_head:
-        old = int(state[dropped[0]].shape[0])
-        raise UserError(
-            f"model.checkpoint '{src}' has a head for {old} classes but {info.num_classes} are expected here "
-            "(a model.heads=separate checkpoint has one output per class of all its tasks); a fresh head would "
-            "make the result meaningless: use data whose classes match the checkpoint's")
+    if require_head:
+        absent = [k for k in own if _under(k, info.head) and k not in state]
+        if absent:
+            raise UserError(f"model.checkpoint '{src}' holds no classification head ({', '.join(absent[:2])} missing): "
+                            "a fresh head would make the result meaningless; give a fine-tuned checkpoint or export")
+        if dropped:
+            shapes = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in dropped[:2])
+            raise UserError(
+                f"model.checkpoint '{src}' has a head that does not fit the {info.num_classes} classes expected here "
+                f"({shapes}; a model.heads=separate checkpoint has one output per class of all its tasks): a fresh "
+                "head would make the result meaningless; use data whose classes match the checkpoint's")
     for k in dropped:
         del state[k]
     missing = [k for k in own if k not in state and not _under(k, info.head) and not k.endswith("num_batches_tracked")]

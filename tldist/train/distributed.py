@@ -123,24 +123,30 @@ class StopVote:
     """Ranks agree on a stop request one step late, so that the vote never stalls a step.
 
     ``poll(flag)`` starts a non-blocking MAX all-reduce of this rank's flag and returns the agreed
-    result of the previous poll (False at the first). By the time that result is read, a whole
-    training step has been queued behind it, so neither the host nor an accelerator waits on the
-    vote. Without a process group ``poll`` returns ``flag`` at once. Call ``poll`` and ``finish``
-    on every rank, at the same points relative to other collectives.
+    result of the previous poll (False at the first). The vote travels on the CPU over gloo (the
+    default group on CPU, a gloo side group next to NCCL), so reading it never waits for an
+    accelerator stream, and by the time it is read a whole step has passed. Without a process
+    group ``poll`` returns ``flag`` at once. Construct it, and call ``poll`` and ``finish``, on
+    every rank at the same points relative to other collectives.
     """
 
-    def __init__(self, device: Optional[torch.device] = None):
-        self.device = device
+    def __init__(self):
+        import torch.distributed as dist
+
         self._pending: Optional[tuple[Any, torch.Tensor]] = None
+        self._active = dist.is_available() and dist.is_initialized()
+        self._group = None
+        if self._active and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")  # a collective: every rank creates it
 
     def poll(self, flag: bool) -> bool:
         import torch.distributed as dist
 
         agreed = self.finish()
-        if not (dist.is_available() and dist.is_initialized()):
+        if not self._active:
             return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True), t)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group, async_op=True), t)
         return agreed
 
     def finish(self) -> bool:

@@ -171,7 +171,7 @@ class Trainer:
         window = torch.zeros(4, dtype=torch.float64)  # loss_sum, micro-batches, data_wait_s, elapsed_s
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # read at log steps only
         window_steps, last_metrics, stopped, grad_norm = 0, {}, False, None
-        vote = StopVote(self.device)
+        vote = StopVote()
         tick = time.perf_counter()
         self.model.train()
         while self.state.step < self.total_steps:
