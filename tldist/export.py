@@ -42,34 +42,52 @@ def _checkpoint_dir(path: str | Path) -> Path:
     raise UserError(f"'{path}' is not a tldist checkpoint (no trainer.json), nor a run directory holding one")
 
 
-def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write ``out_dir/model.safetensors`` + ``model.json`` from a training checkpoint (atomically)."""
-    from tldist import __version__
-    from tldist.config import config_from_dict
-    from tldist.models.factory import build_model
+def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model of a checkpoint directory (``step_*``; CPU, eval mode) and the
+    ``model.json`` metadata an export of it carries (classes, preprocessing, task heads)."""
+    import dataclasses
 
     import yaml
 
-    ckpt = _checkpoint_dir(checkpoint)
+    from tldist import __version__
+    from tldist.config import config_from_dict
+    from tldist.errors import DataError
+    from tldist.models.factory import build_model
+
     cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
     trainer = json.loads((ckpt / "trainer.json").read_text())
-    classes = trainer.get("classes") or []
-    import dataclasses
-
+    classes = list(trainer.get("classes") or [])
+    num_classes = len(classes) or cfg.model.num_classes
+    if not num_classes:
+        raise DataError(f"checkpoint '{ckpt}' records no class list (trainer.json) and config model.num_classes=0; "
+                        "export it with 'tldist export' from a run that knows its classes")
     model_cfg = dataclasses.replace(cfg.model, checkpoint=str(ckpt), pretrained=True)
     image_size = trainer.get("image_size") or cfg.data.image_size
-    model, info = build_model(model_cfg, len(classes) or cfg.model.num_classes, image_size=image_size,
-                              require_head=True)
+    model, info = build_model(model_cfg, num_classes, image_size=image_size, require_head=True)
     image_size = image_size or info.input_size
     meta: dict[str, Any] = {
-        "model": cfg.model.name, "num_classes": len(classes), "classes": classes,
+        "model": cfg.model.name, "num_classes": num_classes, "classes": classes,
         "preprocess": {"image_size": image_size, "resize": int(round(image_size / info.crop_pct)), "mean": list(info.mean),
                        "std": list(info.std), "interpolation": info.interpolation},
         "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step"), "tldist_version": __version__,
     }
     if trainer.get("tasks"):  # model.heads=separate: each task owns a slice of the outputs
         meta["tasks"] = [{"name": t["name"], "classes": t["classes"], "offset": t["offset"]} for t in trainer["tasks"]]
+    return model.eval(), meta
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write ``out_dir/model.safetensors`` + ``model.json`` from a training checkpoint (atomically)."""
+    model, meta = model_from_checkpoint(_checkpoint_dir(checkpoint))
     return write_export(model, meta, out_dir)
+
+
+def refuse_multitask(meta: dict[str, Any], where: str, command: str) -> None:
+    """Raise :class:`UserError` if ``meta`` (``model.json`` or ``trainer.json``) describes a
+    multi-task model: ``command`` works on one head. ``where`` names the input, e.g. "--model 'x'"."""
+    if meta.get("tasks"):
+        raise UserError(f"{where} is a multi-task model (model.heads=separate, {len(meta['tasks'])} heads); "
+                        f"{command} works on one head: give a single-task model")
 
 
 def output_spans(meta: dict[str, Any]) -> list[tuple[Optional[str], int, int, list[str]]]:

@@ -12,7 +12,6 @@ and running a step on the main process only while every rank learns how it went.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
@@ -41,13 +40,9 @@ def load_model(path: str | os.PathLike, flag: str = "--model") -> LoadedModel:
     """Rebuild a model from an export dir (``model.json``), a ``step_*`` checkpoint or a run dir.
 
     A run directory resolves to its best checkpoint (else the latest). Raises :class:`UserError`
-    naming ``flag`` and the path when it is none of these.
+    naming ``flag`` and the path when it is none of these, or when it holds a multi-task model.
     """
-    import yaml
-
-    from tldist.config import config_from_dict
-    from tldist.export import _checkpoint_dir, load_exported
-    from tldist.models.factory import build_model
+    from tldist.export import _checkpoint_dir, load_exported, model_from_checkpoint, refuse_multitask
 
     p = Path(path)
     if not p.exists():
@@ -55,36 +50,16 @@ def load_model(path: str | os.PathLike, flag: str = "--model") -> LoadedModel:
                         "checkpoint directory (step_*) or a training run's output directory")
     if (p / "model.json").is_file():
         model, meta = load_exported(p)
-        _single_head(meta.get("tasks"), flag, p)
+        refuse_multitask(meta, f"{flag} '{p}'", "adaptation")
         return LoadedModel(model.eval(), meta, str(p.resolve()), "export")
     try:
         ckpt = _checkpoint_dir(p)
     except UserError:
         raise UserError(f"{flag} '{path}' is neither a tldist export (no model.json) nor a checkpoint or run "
                         "directory (no trainer.json / checkpoints/step_*): point it at one of those") from None
-    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    trainer = json.loads((ckpt / "trainer.json").read_text())
-    _single_head(trainer.get("tasks"), flag, ckpt)
-    classes = list(trainer.get("classes") or [])
-    num_classes = len(classes) or cfg.model.num_classes
-    if not num_classes:
-        raise DataError(f"checkpoint '{ckpt}' records no class list (trainer.json) and config model.num_classes=0; "
-                        "export it with 'tldist export' from a run that knows its classes")
-    image_size = trainer.get("image_size") or cfg.data.image_size
-    model_cfg = dataclasses.replace(cfg.model, checkpoint=str(ckpt), pretrained=True)
-    model, info = build_model(model_cfg, num_classes, image_size=image_size, require_head=True)
-    image_size = image_size or info.input_size
-    meta = {"model": cfg.model.name, "num_classes": num_classes, "classes": classes,
-            "preprocess": {"image_size": image_size, "resize": int(round(image_size / info.crop_pct)),
-                           "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation},
-            "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step")}
-    return LoadedModel(model.eval(), meta, str(ckpt.resolve()), "checkpoint")
-
-
-def _single_head(tasks, flag: str, path: Path) -> None:
-    if tasks:
-        raise UserError(f"{flag} '{path}' is a multi-task model (model.heads=separate, {len(tasks)} heads); "
-                        "adaptation works on one head: give a single-task model")
+    model, meta = model_from_checkpoint(ckpt)
+    refuse_multitask(meta, f"{flag} '{ckpt}'", "adaptation")
+    return LoadedModel(model, meta, str(ckpt.resolve()), "checkpoint")
 
 
 def check_out_dir(out: str | os.PathLike, inputs: dict[str, str], flag: str = "--out") -> None:

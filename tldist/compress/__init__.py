@@ -82,9 +82,9 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
             raise UserError(f"'{meta_file}' lacks the key 'preprocess.{key}': re-create the export with 'tldist export'")
     if not (p / "model.safetensors").is_file():
         raise UserError(f"export directory '{p}' has no model.safetensors: re-create it with 'tldist export'")
-    if meta.get("tasks"):
-        raise UserError(f"'{p}' is a multi-task export (model.heads=separate, {len(meta['tasks'])} heads); "
-                        "tldist compress scores one head: compress a single-task model")
+    from tldist.export import refuse_multitask
+
+    refuse_multitask(meta, f"export directory '{p}'", "tldist compress")
     return meta
 
 
