@@ -35,8 +35,8 @@ def test_save_load_roundtrip_restores_everything(tmp_path):
     train_steps(model, opt, sched, 3)
     mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
     path = save(mgr, 3, model, opt, sched)
-    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "model.safetensors", "optimizer.pt",
-                                                      "state.pt", "trainer.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["complete.json", "config.yaml", "model.safetensors",
+                                                      "optimizer.pt", "state.pt", "trainer.json"]
     expected_next = torch.rand(3)  # RNG continues after the save
     m2, o2, s2 = make(seed=1)
     restored = mgr.load(path, model=m2, optimizer=o2, scheduler=s2, rank=0)
@@ -81,3 +81,123 @@ def test_resume_from_bad_path_is_clear(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=1, is_main=True)
     with pytest.raises(UserError, match="not a checkpoint directory"):
         mgr.resolve_resume(str(tmp_path / "nope"))
+
+
+# ---- completeness: a kill while writing, re-saving or pruning never leaves a checkpoint resume picks ----
+
+def test_checkpoint_missing_a_member_is_skipped_with_a_warning(tmp_path, caplog):
+    """A step directory holding only config.yaml, state.pt and trainer.json (a prune killed half-way)
+    is not complete: resume=auto takes the newest complete one and says why."""
+    model, opt, sched = make()
+    mgr = CheckpointManager(tmp_path, keep_last=5, is_main=True)
+    save(mgr, 1, model, opt, sched)
+    newest = save(mgr, 2, model, opt, sched)
+    for member in ("model.safetensors", "optimizer.pt"):
+        (newest / member).unlink()
+    with caplog.at_level("WARNING", logger="tldist"):
+        assert mgr.resolve_resume("auto").name == "step_00000001"
+    assert "incomplete checkpoint" in caplog.text and "step_00000002" in caplog.text
+    with pytest.raises(UserError, match="incomplete checkpoint"):
+        mgr.resolve_resume(str(newest))
+
+
+def test_truncated_member_makes_a_checkpoint_incomplete(tmp_path):
+    model, opt, sched = make()
+    mgr = CheckpointManager(tmp_path, keep_last=5, is_main=True)
+    save(mgr, 1, model, opt, sched)
+    path = save(mgr, 2, model, opt, sched)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert mgr.latest().name == "step_00000001"
+
+
+def test_prune_never_leaves_a_partial_step_dir(tmp_path, monkeypatch):
+    """Deleting an old checkpoint renames it out of step_* first: killed mid-delete (here: rmtree
+    raising after one file), what is left is a .trash-* dir that lookup ignores and the next prune removes."""
+    import shutil
+
+    model, opt, sched = make()
+    mgr = CheckpointManager(tmp_path, keep_last=1, is_main=True)
+    save(mgr, 1, model, opt, sched)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *a, **k):
+        from pathlib import Path
+
+        p = Path(path)
+        if p.name.endswith("step_00000001") and p.exists():
+            (p / "model.safetensors").unlink()  # half deleted...
+            raise KeyboardInterrupt  # ...when the kill lands
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save(mgr, 2, model, opt, sched)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [s for s, _ in mgr.all_steps()] == [2] and not (tmp_path / "step_00000001").exists()
+    save(mgr, 3, model, opt, sched)
+    assert not list(tmp_path.glob(".trash-*"))
+
+
+# ---- no checkpoint member can run code; crafted files get one line naming them ----------------------
+
+class _Payload:
+    """Unpickling this runs ``Path(marker).touch()``: a stand-in for any command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.mark.parametrize("member", ["state.pt", "optimizer.pt"])
+def test_crafted_checkpoint_member_is_refused_without_running(tmp_path, member):
+    model, opt, sched = make()
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2, is_main=True)
+    path = save(mgr, 1, model, opt, sched)
+    marker = tmp_path / "PWNED"
+    original = torch.load(path / member, weights_only=True, map_location="cpu")
+    original["extra"] = _Payload(marker)
+    torch.save(original, path / member)
+    m2, o2, s2 = make(seed=1)
+    with pytest.raises(UserError) as e:
+        mgr.load(path, model=m2, optimizer=o2, scheduler=s2, rank=0)
+    assert not marker.exists(), "unpickling ran the payload"
+    msg = str(e.value)
+    assert "\n" not in msg and str(path / member) in msg and "\x1b[" not in msg
+    # nothing was restored from the checkpoint: the model keeps its own weights
+    assert not torch.equal(next(m2.parameters()), next(model.parameters()))
+
+
+def test_corrupt_safetensors_member_is_one_line(tmp_path):
+    model, opt, sched = make()
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    path = save(mgr, 1, model, opt, sched)
+    (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    m2, o2, s2 = make(seed=1)
+    with pytest.raises(UserError, match="model.safetensors") as e:
+        mgr.load(path, model=m2, optimizer=o2, scheduler=s2, rank=0)
+    assert "\n" not in str(e.value)
+
+
+# ---- fp16 loss scale --------------------------------------------------------------------------------
+
+def test_grad_scaler_state_round_trips(tmp_path):
+    """The fp16 GradScaler's scale and growth tracker are saved and restored, so resume is exact."""
+    model, opt, sched = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+    for _ in range(4):  # unscaled steps: the scale grows and the tracker counts
+        opt.zero_grad()
+        scaler.scale(model(torch.randn(16, 4)).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    mgr = CheckpointManager(tmp_path, keep_last=2, is_main=True)
+    path = mgr.save(4, model=model, optimizer=opt, scheduler=sched, trainer_state={}, loader_state={},
+                    config_yaml="", scaler=scaler)
+    m2, o2, s2 = make(seed=1)
+    restored = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=3)
+    mgr.load(path, model=m2, optimizer=o2, scheduler=s2, rank=0, scaler=restored)
+    assert restored.state_dict() == scaler.state_dict() and scaler.get_scale() != 1.0

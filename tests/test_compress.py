@@ -50,6 +50,47 @@ def test_trained_fixture_is_above_chance(tiny_export, tiny_shards):
     assert _eval(model, meta, tiny_shards / "val")["top1"] > 40.0  # chance is 25%
 
 
+def test_eval_uses_the_exports_preprocessing(tiny_export, tiny_shards):
+    """model.json says resize 16 (crop_pct 1.0) for 16 px: the 16 px images go in as they are, not
+    resized to 18 (0.875) as every export used to be scored."""
+    from test_evaluate import samples_of
+    from tldist.data.transforms import Normalizer
+    from tldist.export import load_exported
+
+    model, meta = load_exported(tiny_export)
+    meta = {**meta, "preprocess": {**meta["preprocess"], "resize": 16}}
+    val = samples_of(tiny_shards / "val")
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(d)).convert("RGB"))).permute(2, 0, 1)
+                     for _, d, _ in val])
+    labels = torch.tensor([int(c[1:]) for _, _, c in val])
+    with torch.no_grad():
+        ref = float(torch.nn.functional.cross_entropy(model(Normalizer(meta["preprocess"]["mean"],
+                                                                       meta["preprocess"]["std"])(x)), labels))
+    got = _eval(model, meta, tiny_shards / "val")
+    assert got["count"] == 101 and got["loss"] == pytest.approx(ref, rel=1e-4)
+    assert abs(_eval(model, {**meta, "preprocess": {**meta["preprocess"], "resize": 18}},
+                     tiny_shards / "val")["loss"] - ref) > 1e-3  # 18 would differ: the check has teeth
+
+
+def test_eval_scores_by_class_name(tiny_export, tiny_shards, tmp_path):
+    """A val set written with the classes in another order, or only some of them, scores by name."""
+    from test_evaluate import relabelled_copy
+    from tldist.export import load_exported
+
+    model, meta = load_exported(tiny_export)
+    base = _eval(model, meta, tiny_shards / "val")
+    relabelled_copy(tiny_shards / "val", tmp_path / "rev", ["c3", "c2", "c1", "c0"])
+    rev = _eval(model, meta, tmp_path / "rev")
+    assert rev["top1"] == base["top1"] and rev["loss"] == pytest.approx(base["loss"], abs=1e-5)
+    n = relabelled_copy(tiny_shards / "val", tmp_path / "sub", ["c2", "c0"], keep={"c0", "c2"}, shards=1)
+    assert _eval(model, meta, tmp_path / "sub")["count"] == n
+
+
 # ---- pruning -------------------------------------------------------------------------------------
 
 def test_unstructured_prune_reaches_measured_sparsity(tiny_export, tiny_shards, tmp_path):

@@ -77,3 +77,76 @@ def test_shipped_configs_load_and_validate():
     root = Path(__file__).resolve().parents[1] / "configs"
     for p in sorted(root.glob("*.yaml")):
         load_config(p).validate()
+
+
+def test_later_overrides_win_and_merge():
+    cfg = load_config(None, ["optim.lr=1", "optim={lr: 2, name: adamw}", "optim.lr=3", "data.train=[a]"])
+    assert (cfg.optim.lr, cfg.optim.name, cfg.data.train) == (3, "adamw", ["a"])
+
+
+# Every user mistake in the config or an override is one line naming the file/override (never a traceback).
+@pytest.mark.parametrize("override,expected", [
+    ("data.train=[a,", "override 'data.train=[a,': the value is not valid YAML"),
+    ("data.train=[a", "override 'data.train=[a': the value is not valid YAML (did not find expected ',' or ']'"),
+    ("optim.lr={x", "override 'optim.lr={x': the value is not valid YAML"),
+    ("=3", "override '=3' has no key before '='"),
+    ("output_dir=${nope", "override 'output_dir=${nope': config key 'output_dir'"),
+    ("output_dir=${nope}", "config key 'output_dir': Interpolation key 'nope' not found (set in the overrides)"),
+    ("data=3", "override 'data=3'"),
+    ("optim.lr=abc", "override 'optim.lr=abc': config key 'optim.lr'"),
+])
+def test_bad_override_is_one_line_naming_it(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.train=[a]", override])
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("data:\n  train: [a\n  batch_size: 1\n", "is not valid YAML: line 3, column 13: "),
+    ("output_dir: a\noutput_dir: b\n", "is not valid YAML: line 2, column 1: found duplicate key output_dir"),
+    ("data:\n\ttrain: [a]\n", "is not valid YAML: line 2, column 1: found character '\\t'"),
+    ("- a\n- b\n", "holds a list, not a mapping of config keys"),
+    ("just words\n", "holds a single value, not a mapping of config keys"),
+    ("output_dir: ${nope}\n", "Interpolation key 'nope' not found (set in config file '"),
+    (b"output_dir: caf\xe9\n", "is not UTF-8 text (byte 15)"),
+])
+def test_bad_config_file_is_one_line_naming_it(tmp_path, text, expected):
+    p = tmp_path / "job.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and expected in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["configs/test_tiny.yaml", "data.train=[a,"], "tldist: error: override 'data.train=[a,'"),
+    (["BROKEN", "optim.lr=0.1"], "is not valid YAML: line 3, column 1: expected ',' or ']'"),
+])
+def test_cli_prints_one_line_and_exits_2(tmp_path, args, expected):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim:\n  lr: [0.1\n")
+    args = [str(broken) if a == "BROKEN" else a for a in args]
+    proc = subprocess.run([sys.executable, "-m", "tldist.cli", "train", *args], capture_output=True, text=True,
+                          cwd=repo, timeout=120, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert expected in proc.stderr, proc.stderr
+
+
+# Manifests are user input too (data.train/data.val point at them): a corrupt one is one DataError line.
+@pytest.mark.parametrize("raw", [b"[1, 2]", b"null", b'"text"', b"\xff\xfe\x00", b'{"shards": [', b"",
+                                 b'{"shards": [{"name": "a.tar", "num_samples": 3}], "classes": [], "meta": 3}'])
+def test_corrupt_manifest_is_one_line(tmp_path, raw):
+    from tldist.data.manifest import load_manifest
+    from tldist.errors import DataError
+
+    (tmp_path / "manifest.json").write_bytes(raw)
+    with pytest.raises(DataError) as e:
+        load_manifest(tmp_path)
+    assert f"manifest '{tmp_path}' is malformed" in str(e.value) and "\n" not in str(e.value)

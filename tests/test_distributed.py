@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -20,6 +21,8 @@ def _worker(rank: int, port: int, out: dict) -> None:
         # the stop vote: rank 1 asks at poll 3; both ranks learn it at poll 4, the step after
         vote = StopVote()
         seen = [vote.poll(rank == 1 and i == 3) for i in range(6)]
+        # codes: the highest wins on every rank (a data fault on rank 1 beats a preemption on rank 0)
+        seen += [vote.poll({0: 1, 1: 2}[rank] if i == 0 else 0) for i in range(2)]
         last = vote.finish()
         # BatchNorm statistics: different on each rank, averaged in place; the counter is left alone
         bn = nn.BatchNorm2d(3)
@@ -41,10 +44,30 @@ def test_stop_vote_and_buffer_averaging_across_two_processes():
     mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
     for rank in (0, 1):
         seen, last, mean, var, tracked = out[rank]
-        assert seen == [False, False, False, False, True, False] and last is False
+        assert seen == [0, 0, 0, 0, 1, 0, 0, 2] and last == 0
         assert mean == [1.5] * 3 and var == [3.0] * 3 and tracked == 10 + rank
 
 
 def test_without_a_process_group_the_vote_is_immediate():
     vote = StopVote()
-    assert [vote.poll(f) for f in (False, True, False)] == [False, True, False] and vote.finish() is False
+    assert [vote.poll(f) for f in (0, 1, 2, 0)] == [0, 1, 2, 0] and vote.finish() == 0
+
+
+def test_fsdp_blocks_from_a_shared_accelerate_config_fall_back_to_the_backbones_own(monkeypatch, caplog):
+    """configs/accelerate/fsdp.yaml lists Bottleneck,EncoderBlock for every model launched with it; a
+    resnet18 (BasicBlock) must still be sharded per block, not as the root alone."""
+    import torchvision
+
+    from tldist.config import TrainConfig
+    from tldist.errors import ConfigError
+    from tldist.train.distributed import fsdp_block_names
+
+    model = torchvision.models.resnet18()
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "Bottleneck,EncoderBlock")
+    with caplog.at_level("WARNING", logger="tldist"):
+        assert fsdp_block_names(TrainConfig(), model, ["BasicBlock"]) == ["BasicBlock"]
+    assert "names no module class of this model" in caplog.text
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "BasicBlock,EncoderBlock")
+    assert fsdp_block_names(TrainConfig(), model, ["Sequential"]) == ["BasicBlock"]
+    with pytest.raises(ConfigError, match="train.fsdp_block"):
+        fsdp_block_names(TrainConfig(fsdp_block="Bottleneck"), model, ["BasicBlock"])

@@ -223,6 +223,167 @@ def test_folder_job_ids(tmp_path):
     assert folder_job_ids(tmp_path) == ["9", "12", "40_1"]
 
 
+def test_every_srun_kills_the_job_when_one_task_dies(tmp_path):
+    """submitit's generated batch script and both sbatch files run srun with --kill-on-bad-exit=1."""
+    import submitit
+
+    from tldist.launch.slurm import Resources, executor_parameters
+
+    res = Resources(nodes=2, gpus_per_node=4)
+    ex = submitit.SlurmExecutor(folder=tmp_path / "%j")  # writes the script; submits nothing
+    ex.update_parameters(**{k[len("slurm_"):] if k.startswith("slurm_") else
+                            {"timeout_min": "time", "tasks_per_node": "ntasks_per_node", "name": "job_name"}.get(k, k): v
+                            for k, v in executor_parameters(res, "tldist-x").items()})
+    script = ex._make_submission_file_text("python -u -m submitit.core._submit x", "0")
+    srun = [ln for ln in script.splitlines() if ln.startswith("srun ")]
+    assert len(srun) == 1 and "--kill-on-bad-exit=1" in srun[0].split(), script
+    for sbatch in sorted((REPO / "slurm").glob("*.sbatch")):
+        lines = [ln.strip() for ln in sbatch.read_text().splitlines() if ln.strip().startswith("srun ")]
+        assert lines and all("--kill-on-bad-exit=1" in ln.split() for ln in lines), sbatch.name
+
+
+def test_local_submission_leaves_no_literal_job_id_folder(tiny_shards, tmp_path):
+    """``tldist submit --cluster local`` used to leave an empty ``<output_dir>/submitit/%j``."""
+    from tldist.launch.slurm import Resources, submit_training
+
+    out = tmp_path / "run"
+    lines: list[str] = []
+    job = submit_training(str(REPO / CONFIG), [f"data.train=[{tiny_shards}/train]", f"output_dir={out}",
+                                               "data.num_workers=1", "train.max_steps=2", "data.image_size=16"],
+                          Resources(cluster="local", time="10"), echo=lines.append)
+    result = job.result()
+    assert result["step"] == 2 and not result["stopped"]
+    folder = out / "submitit"
+    assert not (folder / "%j").exists() and not any("%" in p.name for p in folder.rglob("*"))
+    assert (folder / f"{job.job_id}_0_log.out").is_file()
+    assert f"  stdout (task 0): {folder}/{job.job_id}_0_log.out" in lines
+
+
+# A parent that starts a child; the child arms die_with_parent and waits. argv: mode.
+CHILD = r"""
+import os, sys, time
+from tldist.launch.signals import die_with_parent
+first = os.getppid()
+if sys.argv[1] == "late":  # arm only after the parent is gone (the getppid race)
+    while os.getppid() == first:
+        time.sleep(0.01)
+    print("reparented", os.getppid(), flush=True)
+    armed = die_with_parent(parent_pid=first)
+elif sys.argv[1] == "late-default":  # the same, without telling it the parent: judged by init
+    while os.getppid() == first:
+        time.sleep(0.01)
+    print("reparented", os.getppid(), flush=True)
+    os.environ["TORCHELASTIC_RUN_ID"] = "x"
+    armed = die_with_parent()
+else:
+    armed = die_with_parent(always=True)
+print("armed", armed, flush=True)
+time.sleep(120)
+"""
+PARENT = r"""
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _gone(pid: int) -> bool:
+    from tldist.train.lock import pid_alive
+
+    return not pid_alive(pid)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["armed", "late", "late-default"])
+def test_child_dies_with_its_killed_parent(mode):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, mode], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(parent.stdout.readline())
+    try:
+        if mode == "armed":
+            assert parent.stdout.readline().split() == ["armed", "True"]
+        parent.kill()  # SIGKILL: the parent cannot pass anything on
+        parent.wait()
+        if mode != "armed":
+            new_parent = int(parent.stdout.readline().split()[1])
+            if mode == "late-default" and new_parent != 1:
+                pytest.skip(f"orphans are re-parented to a subreaper ({new_parent}) here, not to init")
+        _wait_for(lambda: _gone(child), 60, f"child {child} to exit after its parent was killed")
+    finally:
+        if not _gone(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_die_with_parent_does_nothing_outside_a_launcher(monkeypatch):
+    from tldist.launch.signals import die_with_parent, launcher_parent
+
+    for var in ("TORCHELASTIC_RUN_ID", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(var, raising=False)
+    assert launcher_parent() is None and die_with_parent() is False  # `nohup tldist train &` survives its shell
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert launcher_parent() == "torchelastic"
+
+
+RANK_SCRIPT = r"""
+import os, sys, time
+from tldist.launch.signals import die_with_parent
+armed = die_with_parent()
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pid"), "w") as f:
+    f.write(f"{os.getpid()} {armed}")
+time.sleep(300)
+"""
+
+
+def test_killing_accelerate_launch_ends_its_ranks(tmp_path):
+    """torch-elastic starts each rank in its own session, so killing the launcher's process group used
+    to leave them running (and writing checkpoints); now they follow their launcher."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pid_files = [tmp_path / f"rank{r}.pid" for r in range(2)]
+    ranks: list[int] = []
+    try:
+        _wait_for(lambda: all(f.is_file() and f.read_text().endswith("True") for f in pid_files), 120, "2 ranks")
+        ranks = [int(f.read_text().split()[0]) for f in pid_files]
+        assert all(os.getsid(r) != os.getsid(launcher.pid) for r in ranks)  # the trap: ranks have own sessions
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        _wait_for(lambda: all(_gone(r) for r in ranks), 60, "the ranks to exit after their launcher was killed")
+    finally:
+        for r in ranks:
+            if not _gone(r):
+                os.kill(r, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def test_a_ranks_one_line_error_is_the_root_cause_in_accelerates_summary(tiny_shards, tmp_path):
+    """Under accelerate launch, the launcher's ChildFailedError summary names the rank's one-line error
+    (its own traceback and exit status 1 cannot be changed from inside a rank; see the README)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tldist.cli", "train", CONFIG,
+         f"data.train=[{tiny_shards}/train]", f"output_dir={tmp_path}/run", "optim.lrr=1"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}, capture_output=True,
+        text=True, timeout=300)
+    err = proc.stderr
+    message = "tldist: error: override 'optim.lrr=1': unknown config key 'optim.lrr'"
+    assert err.count(message) >= 2, err  # the rank's own line, then the summary's root cause
+    assert "traceback : " + message in err.split("Root Cause", 1)[1], err
+
+
 # ============================================================== real SLURM (dev cluster)
 def _wait(predicate, timeout: float, what: str, job=None) -> None:
     deadline = time.monotonic() + timeout

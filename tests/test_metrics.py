@@ -31,3 +31,17 @@ def test_split_batches_sum_to_whole():
     a, b = whole.compute(), parts.compute()
     assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
     assert abs(a["loss"] - b["loss"]) < 1e-5  # float32 per-batch sums
+
+
+def test_classes_absent_from_the_set_are_nan_not_zero():
+    """A class with no val sample was not measured: NaN, while a present class with no hit is 0.0."""
+    import math
+
+    logits = torch.tensor([[0.0, 9, 0, 0], [9.0, 0, 0, 0], [0.0, 0, 0, 9]])
+    acc = EvalAccumulator(4)
+    acc.update(logits, torch.tensor([1, 0, 0]), torch.tensor([True, True, False]))  # class 3 only masked
+    per_class = acc.compute()["per_class_acc"]
+    assert per_class[:2] == [1.0, 1.0]
+    assert math.isnan(per_class[2]) and math.isnan(per_class[3])
+    acc.update(torch.tensor([[9.0, 0, 0, 0]]), torch.tensor([2]))
+    assert acc.compute()["per_class_acc"][2] == 0.0  # present, never right: a real 0

@@ -45,6 +45,29 @@ def test_loss_is_weighted_per_task_softmax():
     assert torch.isfinite(smooth)
 
 
+def test_bind_eval_refuses_one_name_for_two_heads():
+    """Two eval sets under one name would overwrite each other's scores and skew the mean eval/top1."""
+    h = heads()
+    assert h.bind_eval("a/val", 0) == ["a", "b", "c"] and h.bind_eval("b/val", 1) == ["c", "d"]
+    assert h.bind_eval("a/val", 0) == ["a", "b", "c"]  # binding again to the same head is fine
+    assert h.eval_span("a/val") == (0, 3) and h.eval_span("b/val") == (3, 5)
+    with pytest.raises(ConfigError, match="'b/val' is used for the heads of tasks 1 and 0"):
+        h.bind_eval("b/val", 0)
+    with pytest.raises(ConfigError, match="there are 2 tasks"):
+        h.bind_eval("c/val", 2)
+
+
+def test_task_names_are_distinct_path_tails(tmp_path):
+    """Train sets whose last two path components match get longer distinct names, not task0/task1."""
+    from tldist.train.multitask import build_task_heads
+
+    for d in ("x", "y"):
+        make_shard_set(tmp_path / d / "shards" / "train", split="train", n=8, shards=1, num_classes=2, prefix=d)
+    cfg = load_config(None, [f"data.train=[{tmp_path}/x/shards/train,{tmp_path}/y/shards/train]",
+                             "model.heads=separate"])
+    assert build_task_heads(cfg.data).names == ["x/shards/train", "y/shards/train"]
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["model.heads=separate", "data.val=v"], "data.val"),
     (["model.heads=separate", "data.val_sets=[v]"], "data.val_sets"),
@@ -79,12 +102,12 @@ def test_two_processes_separate_heads(tiny_shards, tmp_path):
     assert load_file(str(ckpt / "model.safetensors"))["fc.weight"].shape[0] == 4 + 3  # c0..c3 and c0..c2 apart
     tasks = json.loads((ckpt / "trainer.json").read_text())["tasks"]
     assert [(t["offset"], len(t["classes"]), t["loss_weight"]) for t in tasks] == [(0, 4, 1.0), (4, 3, 2.0)]
-    # `tldist eval` scores one head; on one task's val set the 7-output head does not fit its 3
-    # classes, and a fresh head would score noise: refused with the reason, not a traceback
+    # `tldist eval` scores one head; which head a val set belongs to is not recorded (b/val's classes
+    # c0..c2 are in both tasks): refused with the reason, not a traceback
     proc = subprocess.run(cli("eval", "configs/test_tiny.yaml", f"data.val={tmp_path}/b/val", *TINY,
                               "--checkpoint", str(ckpt)), capture_output=True, text=True, cwd=REPO, env=env())
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "does not fit the 3 classes expected here" in proc.stderr and "(7, 512) vs (3, 512)" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "multi-task model" in proc.stderr and "tldist eval works on one head" in proc.stderr, proc.stderr
     # export keeps the task layout; predict scores each task over its own head
     export = tmp_path / "export"
     run(cli("export", str(ckpt), str(export)))

@@ -103,3 +103,72 @@ def test_parse_size():
     assert parse_size("256MiB") == 256 * 1024**2 and parse_size("1234") == 1234
     with pytest.raises(ConfigError, match="--max-size"):
         parse_size("lots")
+
+
+def test_readme_shards_examples_parse():
+    """Every `tldist shards ...` line in the README is accepted by the parser (e.g. csv --val-fraction)."""
+    import shlex
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    lines = [ln.split("#")[0] for ln in readme.read_text().splitlines() if ln.startswith("tldist shards ")]
+    assert any("--val-fraction" in ln for ln in lines)
+    parser = argparse.ArgumentParser(prog="tldist")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    for line in lines:
+        assert callable(parser.parse_args(shlex.split(line)[1:]).func), line
+
+
+def test_cli_csv_val_fraction_writes_train_and_val(tmp_path, capsys):
+    rows = []
+    for i in range(12):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(i))
+        rows.append(f"{i}.jpg,{'xyz'[i % 3]}\n")
+    (tmp_path / "list.csv").write_text("".join(rows))
+    out = tmp_path / "out"
+    assert run(["shards", "csv", str(tmp_path / "list.csv"), str(out), "--val-fraction", "0.25",
+                "--min-shards", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"train: {out / 'train'}  1 shards  9 samples  3 classes",
+                     f"val: {out / 'val'}  1 shards  3 samples  3 classes"]
+    train, val = verify_shards(out / "train"), verify_shards(out / "val")
+    assert train.ok and val.ok and val.label_counts == {0: 1, 1: 1, 2: 1}
+
+
+def test_cli_imagefolder_empty_class_folder(tmp_path, capsys):
+    for c in ("x", "y"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "src" / c / f"{i}.jpg").write_bytes(jpeg(i))
+    (tmp_path / "src" / "z").mkdir()
+    (tmp_path / "src" / "z" / ".DS_Store").write_bytes(b"Bud1")
+    with pytest.raises(DataError, match=r"no images: \['z'\]"):
+        run(["shards", "imagefolder", str(tmp_path / "src"), str(tmp_path / "out")])
+    assert run(["shards", "imagefolder", str(tmp_path / "src"), str(tmp_path / "out"), "--keep-empty-classes"]) == 0
+    assert "4 samples  3 classes" in capsys.readouterr().out
+
+
+def test_verify_decodes_as_training_does(tmp_path, capsys):
+    """verify runs the training decoders: BMP/TIFF/PPM are fine for both (torchvision falls back to
+    PIL); a PNG that only PIL reads is flagged for data.decode=torchvision, and ok for pil alone."""
+    from tldist.data.transforms import decode_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    cut = buf.getvalue()[:-20]
+    samples = [Sample("cut", cut, "png", 0)]
+    for i, fmt in enumerate(["BMP", "TIFF", "PPM"]):
+        b = io.BytesIO()
+        Image.open(io.BytesIO(jpeg(i))).save(b, fmt)
+        samples.append(Sample(f"f{i}", b.getvalue(), fmt.lower(), 0))
+        assert decode_image(b.getvalue(), "torchvision").shape == (3, 32, 32)
+    write_shards(samples, tmp_path / "s", "train", ["a"], check="none")
+    report = verify_shards(tmp_path / "s")
+    assert [(p.key, "data.decode=torchvision" in p.message, "data.decode=pil" in p.message)
+            for p in report.problems] == [("cut", True, False)]
+    assert verify_shards(tmp_path / "s", decoders=["pil"]).ok
+    assert run(["shards", "verify", str(tmp_path / "s"), "--decoder", "pil"]) == 0
+    assert run(["shards", "verify", str(tmp_path / "s")]) == 1
+    assert "cut: .png does not decode (data.decode=torchvision" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="decoders"):
+        verify_shards(tmp_path / "s", decoders=["opencv"])

@@ -152,3 +152,50 @@ def test_too_few_samples_for_slots(source):
     assert slot_range(150, 3, 4) == (112, 150)
     with pytest.raises(ConfigError, match="num_workers"):
         SlotStream(SourceSpec("tiny", ("x.tar",), (3,)), 0, 4, seed=0, block_size=4)
+
+
+def test_unreadable_shards_are_named_by_url_and_reason(tmp_path, caplog, monkeypatch):
+    """An unreachable shard's log lines name its URL and curl's reason; never "sample 'None'" and
+    never "the manifest lists more" (the samples were not missing from the shard: it was never read)."""
+    import logging
+    import socket
+
+    from conftest import serve_http
+    from test_pipeline import SIZE, cfg
+    from tldist.data import stream
+    from test_pipeline import write_set as write_pipeline_set
+
+    from tldist.data.pipeline import build_train_loader
+    from tldist.errors import DataError
+    from tldist.world import World
+
+    write_pipeline_set(tmp_path / "s", [12, 12])
+    (tmp_path / "empty").mkdir()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with serve_http(tmp_path / "empty") as url:  # a server without the shards: 404
+        cases = {f"{url}/train-{{000000..000001}}.tar": "curl exited with status 22: the server answered with an HTTP error",
+                 f"http://127.0.0.1:{port}/train-{{000000..000001}}.tar": "curl exited with status 7: could not connect"}
+        for pattern, why in cases.items():
+            caplog.clear()
+            monkeypatch.setattr(stream, "_throttle", stream.Throttle())  # its first warnings are always shown
+            ld = build_train_loader(cfg([tmp_path / "s"], num_workers=0, train_urls=[pattern]), World(0, 1),
+                                    image_size=SIZE)
+            with caplog.at_level(logging.WARNING, logger="tldist.data"), pytest.raises(DataError, match="failed to load"):
+                next(ld)
+            ld.close()
+            shard = pattern.replace("{000000..000001}", "000000")
+            assert f"shard {shard} cannot be read ({why}" in caplog.text
+            assert f"skipping an unread sample of shard {shard}: the shard cannot be read ({why}" in caplog.text
+            assert "'None'" not in caplog.text and "manifest lists more" not in caplog.text
+    recs = list(read_shard("pipe:exit 3", 0, 2))  # a pipe: command that fails
+    assert [r.describe() for r in recs] == ["an unread sample"] * 2
+    assert recs[0].error == "the shard cannot be read ('exit 3' exited with status 3)"
+    spec = write_set(tmp_path / "short", [12])  # a shard that really holds fewer samples than listed
+    path = Path(spec.urls[0])
+    with tarfile.open(path) as tf:
+        member = next(m for m in tf.getmembers() if m.name == "s0_0009.cls")
+    path.write_bytes(path.read_bytes()[:member.offset])
+    assert list(read_shard(str(path), 0, 12))[-1].error == \
+        "the shard is shorter than its manifest entry: it ends after 9 samples, the manifest counts at least 12"

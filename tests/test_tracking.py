@@ -1,19 +1,24 @@
-"""W&B from a real offline run: what a user opens the dashboard for is really logged.
+"""W&B from a real offline run: what a user opens the dashboard for is really logged, and a
+killed and resumed job uploads one row per step.
 
-The run's ``.wandb`` file is read back (tests/wandb_offline.py); nothing is mocked.
+The runs' ``.wandb`` files are read back with wandb's own reader (tests/wandb_offline.py); nothing
+is mocked.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from wandb_offline import read_offline_run
+from wandb_offline import read_offline_run, read_segment, read_segments
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +45,7 @@ def test_offline_run_logs_what_the_dashboard_needs_and_resumes_same_run(tiny_sha
                 "eval/per_class_acc/c0", "eval/per_class_acc/c3", "checkpoint/step"):
         assert key in keys, key
     assert any(k.startswith("eval/confusion_matrix") for k in keys)
-    assert "eval/predictions/_type" in keys  # the sample-predictions table (with images)
+    assert "eval/predictions._type" in keys  # the sample-predictions table (with images)
     tables = list((out / "wandb").glob("offline-run-*/files/media/table/eval/predictions_*.table.json"))
     assert tables and json.loads(tables[0].read_text())["columns"][:3] == ["image", "key", "label"]
     cfg = run["config"]
@@ -58,3 +63,103 @@ def test_offline_run_logs_what_the_dashboard_needs_and_resumes_same_run(tiny_sha
     resumed = read_offline_run(out)
     assert set(resumed["run_ids"]) == {first["tracker_run_id"]}
     assert max(h["_step"] for h in resumed["history"]) == 8
+
+
+# ---- a killed and resumed job: one row per step in what `wandb sync` uploads ----------------------
+KILL_RESUME = ["train.max_steps=200", "checkpoint.every_steps=10", "train.log_every_steps=1",
+               "train.eval_every_steps=0", "data.samples_per_epoch=1600", "data.batch_size=8", "data.num_workers=1",
+               "tracker.backend=wandb", "checkpoint.resume=auto"]
+
+
+def latest_checkpoint(out: Path) -> int:
+    """The step of the newest complete checkpoint (what checkpoint.resume=auto resumes from), 0 if none."""
+    from tldist.train.checkpoint import is_complete
+
+    return max((int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*") if is_complete(p)), default=0)
+
+
+def last_step(segment: Path) -> int:
+    """The last history step a segment holds, as wandb's reader sees it (-1: none)."""
+    return max((row["_step"] for row in read_segment(segment)["history"]), default=-1)
+
+
+def run_attempt(cmd: list[str], env: dict, out: Path, log: Path, kill_when=None) -> tuple[Path, int, int]:
+    """Run one attempt of the job. With ``kill_when(held, checkpoint)``: each time a checkpoint
+    completes or wandb writes a block of this attempt's segment, stop the job (SIGSTOP), read the
+    segment with wandb's reader, and SIGKILL the job when ``kill_when`` says so. Returns
+    (segment, steps it holds through, latest checkpoint) at the kill (or at the end)."""
+    earlier = set(out.glob("wandb/offline-run-*/run-*.wandb"))
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    seen, deadline = None, time.time() + 400
+    t00 = time.time()
+    try:
+        while proc.poll() is None and kill_when is not None:
+            assert time.time() < deadline, "attempt did not reach the wanted state"
+            segment = next((p for p in out.glob("wandb/offline-run-*/run-*.wandb") if p not in earlier), None)
+            state = (latest_checkpoint(out), segment.stat().st_size if segment else -1)
+            if segment is None or state == seen:
+                time.sleep(0.02)
+                continue
+            seen = state
+            os.killpg(proc.pid, signal.SIGSTOP)  # the job (wandb's service lives in its own group)
+            size = -1
+            while size != segment.stat().st_size:  # wandb-core finishes writing what it already got
+                size = segment.stat().st_size
+                time.sleep(0.3)
+            held, ckpt = last_step(segment), latest_checkpoint(out)
+            print("DBG", round(time.time() - t00, 1), held, ckpt, flush=True)
+            if kill_when(held, ckpt):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return segment, held, ckpt
+            os.killpg(proc.pid, signal.SIGCONT)
+        rc = proc.wait(timeout=max(1.0, deadline - time.time()))
+        assert rc == 0 and kill_when is None, f"attempt exited {rc} before the wanted kill:\n{log.read_text()[-3000:]}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    segment = next(p for p in out.glob("wandb/offline-run-*/run-*.wandb") if p not in earlier)
+    return segment, last_step(segment), latest_checkpoint(out)
+
+
+def test_killed_and_resumed_offline_run_syncs_one_row_per_step(tiny_shards, tmp_path):
+    """200 steps, checkpoints every 10, killed twice with SIGKILL, resumed with checkpoint.resume=auto.
+
+    Attempt 1 is killed when its segment holds steps past its last checkpoint: attempt 2 repeats
+    those steps and must not log them again. Attempt 2 is killed right after a checkpoint that no
+    segment holds yet (wandb writes offline logs in 32 KiB blocks): attempt 3 must log those steps
+    from the row journal. Uploading the segments oldest first, as `wandb sync` does, then gives
+    steps 1..200 exactly once.
+    """
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "tldist.cli", "train", "configs/test_tiny.yaml", f"data.train=[{tiny_shards}/train]",
+           f"data.val={tiny_shards}/val", f"output_dir={out}", *KILL_RESUME]
+
+    seg1, held1, ckpt1 = run_attempt(cmd, env, out, tmp_path / "attempt1.log",
+                                     kill_when=lambda held, ckpt: ckpt >= 50 and held > ckpt)
+    assert 50 <= ckpt1 < held1 < 200  # attempt 2 resumes at ckpt1 and computes ckpt1+1..held1 again
+    seg2, held2, ckpt2 = run_attempt(cmd, env, out, tmp_path / "attempt2.log",
+                                     kill_when=lambda held, ckpt: held > held1 and ckpt > held)
+    assert held1 < held2 < ckpt2 < 200  # steps held2+1..ckpt2 are in no segment: the journal has them
+    seg3, held3, _ = run_attempt(cmd, env, out, tmp_path / "attempt3.log")
+    assert held3 == 200
+
+    segments = read_segments(out)  # the order `wandb sync` uploads them in: by start time
+    assert [s["path"] for s in segments] == [seg1, seg2, seg3]
+    assert len({s["run_id"] for s in segments}) == 1
+    steps = [[row["_step"] for row in s["history"]] for s in segments]
+    uploaded = [step for seg_steps in steps for step in seg_steps]
+    assert uploaded == list(range(1, 201)), "each step 1..200 exactly once, in order"
+    assert steps[1][0] == held1 + 1 and steps[2][0] == held2 + 1
+    for row in segments[2]["history"][:ckpt2 - held2]:  # logged again from the journal: the scalars
+        assert {"train/loss", "train/lr", "train/grad_norm"} <= set(row)
+        assert "checkpoint/step" in row or row["_step"] % 10 or row["_step"] == ckpt2
+    assert "eval/top1" in segments[2]["history"][-1] and "eval/predictions._type" in segments[2]["history"][-1]
+    # tldist reads the transaction logs exactly as wandb does (the killed ones end mid-block)
+    from tldist.train.tracking import history_steps
+
+    for s, seg_steps in zip(segments, steps):
+        assert list(history_steps(s["path"])) == seg_steps

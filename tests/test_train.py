@@ -118,6 +118,12 @@ def test_fsdp2_on_cpu_really_shards(tiny_shards, tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["sharded_params"] is True
     assert result["eval/count"] == 101
+    # param_checksum covers the whole model (every rank's shard), as under DDP: the saved full weights agree
+    from safetensors.torch import load_file
+
+    full = load_file(str(out / "checkpoints" / "step_00000004" / "model.safetensors"))
+    total = sum(float(t.double().sum()) for t in full.values() if t.is_floating_point())
+    assert abs(result["param_checksum"] - total) <= 1e-6 * max(1.0, abs(total)), (result["param_checksum"], total)
     # the full (gathered) checkpoint loads into a plain model
     proc = run(tldist_cmd("eval", "configs/test_tiny.yaml", *overrides(tiny_shards, tmp_path / "e"),
                           "--checkpoint", str(out / "checkpoints" / "step_00000004")))
@@ -224,3 +230,128 @@ def test_training_over_http_with_faults(tmp_path):
     assert (http_run["data_read"], http_run["data_skipped"]) == (local_run["data_read"], local_run["data_skipped"])
     assert http_run["param_checksum"] == local_run["param_checksum"]  # the very same samples, in the same order
     assert m.shards[2].name in logs["http"] and "strain00003" in logs["http"]
+
+
+# ---- fail-safe: one failing rank ends the whole job, fast and with one message ----------------------
+
+def shards_with_corrupt_rank1_shards(root: Path, corrupt_positions: list[int]) -> Path:
+    """8 JPEG shards of 50 samples; the shards at ``corrupt_positions`` of epoch 0's shard order hold
+    only undecodable images. With 2 ranks and data.num_workers=0, rank 1 reads positions 4..7."""
+    from tldist.data.stream import shard_order
+    from tldist.data.writer import Sample, write_shards
+    from conftest import tiny_image
+    import numpy as np
+
+    order = shard_order(8, 0, 0)  # data.seed=0, stream-epoch 0
+    bad = {int(order[p]) for p in corrupt_positions}
+    rng = np.random.default_rng(0)
+    samples = [Sample(key=f"s{i:05d}", ext="jpg", label=i % 4,
+                      data=b"\xff\xd8 not a jpeg" if i // 50 in bad else tiny_image(i % 4, rng, fmt="JPEG"))
+               for i in range(400)]
+    write_shards(samples, root / "train", "train", [f"c{i}" for i in range(4)], max_count=50, max_size=None,
+                 check="none")
+    return root / "train"
+
+
+def run_failing(cmd: list[str], limit: float = 150) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.time()
+    try:
+        proc = run(cmd, timeout=limit, check=False)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the job hung: still running after {limit} s") from None
+    return proc, time.time() - t0
+
+
+def test_data_fault_on_one_rank_stops_every_rank_together(tmp_path):
+    """One corrupt shard read only by rank 1: its skip fraction crosses data.max_skip_fraction; the ranks
+    agree on it at the next step and every rank exits with status 2; the DataError is printed once."""
+    train = shards_with_corrupt_rank1_shards(tmp_path, [5])
+    proc, _ = run_failing(accelerate_cmd("cpu.yaml", "train", "configs/test_tiny.yaml", f"data.train=[{train}]",
+                                         f"output_dir={tmp_path}/o", *BASE, "data.num_workers=0",
+                                         "train.max_steps=200"))
+    assert proc.returncode != 0
+    printed = [line for line in proc.stderr.splitlines() if line.startswith("tldist: error:")]
+    assert len(printed) == 1 and "failed to load" in printed[0] and "on rank 1" in printed[0], proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # every rank left through the one-line error path
+    assert "exitcode  : 1" not in proc.stderr and "SIGABRT" not in proc.stderr
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the process with RANK=rank among the descendants of ``launcher_pid``."""
+    children = {launcher_pid}
+    found = True
+    while found:
+        found = False
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid in children and pid not in children:
+                children.add(pid)
+                found = True
+    for pid in children - {launcher_pid}:
+        try:
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=%d" % rank in environ:
+            return pid
+    raise AssertionError(f"no rank {rank} process under {launcher_pid}")
+
+
+def test_interrupt_on_one_rank_ends_the_job_without_collectives(tiny_shards, tmp_path):
+    """Ctrl-C (SIGINT) reaches rank 1 alone mid-training while rank 0 waits in DDP's all-reduce: rank 1
+    leaves without entering a collective, rank 0's collective fails at once and it exits with one line
+    saying why; the job ends in seconds, not at the collective timeout (here 600 s)."""
+    out = tmp_path / "o"
+    cmd = accelerate_cmd("cpu.yaml", "train", "configs/test_tiny.yaml",
+                         *overrides(tiny_shards, out, "train.max_steps=5000", "train.trace_samples=true",
+                                    "train.collective_timeout_s=600"))
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trace = out / "trace" / "rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (trace.is_file() and len(trace.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGINT)
+    t0 = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the job hung after one rank was interrupted") from None
+    assert proc.returncode != 0 and time.time() - t0 < 90
+    assert "exitcode  : 130" in stderr, stderr[-3000:]  # rank 1: KeyboardInterrupt, no collective
+    # rank 0 reports the lost peer in one line, or the launcher ended it first
+    assert "another process of this job failed" in stderr or "exitcode  : -15" in stderr
+    assert stderr.count("Traceback (most recent call last)") == 1  # the launcher's own ChildFailedError only
+
+
+PER_RANK_DRAWS = """
+import json, sys, torch
+from tldist.config import load_config
+from tldist.train.main import build
+cfg = load_config("configs/test_tiny.yaml", sys.argv[2:])
+trainer = build(cfg)
+mask = torch.nn.functional.dropout(torch.ones(64), p=0.5).tolist()
+rank = trainer.accelerator.process_index
+first = next(iter(trainer.train_loader))["key"]
+out = {"mask": mask, "keys": first, "world": trainer.accelerator.num_processes,
+       "weights": float(sum(p.double().sum() for p in trainer.model.parameters()))}
+open(sys.argv[1] + f"/rank{rank}.json", "w").write(json.dumps(out))
+trainer.tracker.finish()
+"""
+
+
+def test_ranks_draw_different_dropout_masks_from_the_same_model(tiny_shards, tmp_path):
+    """After build(), each rank's random stream is seed + rank (dropout, drop-path differ per rank),
+    while the initial model is identical on every rank and the data order is unchanged."""
+    script = tmp_path / "draws.py"
+    script.write_text(PER_RANK_DRAWS)
+    cmd = accelerate_cmd("cpu.yaml", "train")[:-3]  # the launcher part only
+    run([*cmd, str(script), str(tmp_path), *overrides(tiny_shards, tmp_path / "o")])
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["mask"] != r1["mask"]
+    assert r0["weights"] == r1["weights"]
+    assert r0["keys"] != r1["keys"]  # each rank reads its own slots, as before

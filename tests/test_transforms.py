@@ -117,3 +117,120 @@ def test_normalizer_matches_reference_and_channels_last():
     assert not Normalizer().state_dict()  # non-persistent buffers
     with pytest.raises(ValueError):
         Normalizer()(x[0])
+
+
+# ---------------------------------------------------------------------------------------
+# One decoding rule for both decoders (issue 12: 16-bit, modes, formats, EXIF orientation)
+# ---------------------------------------------------------------------------------------
+
+def _png_raw(arr: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG from big-endian uint16 [H, W, C] (PIL cannot write 16-bit RGB/LA/RGBA)."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+RAMP16 = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)  # 64x64 horizontal 16-bit ramp
+RAMP8 = np.repeat((RAMP16 >> 8).astype(np.uint8)[None], 3, 0)  # what it must decode to: the high byte
+
+
+def _mode_cases() -> dict[str, tuple[bytes, "np.ndarray | None"]]:
+    """name -> (encoded bytes, expected uint8 [3,H,W] or None when lossy)."""
+    rgb = _gradient(30, 20)
+    rgb_chw = np.asarray(rgb).transpose(2, 0, 1)
+    gray = np.repeat(np.asarray(rgb.convert("L"))[None], 3, 0)
+    pal = rgb.convert("P", palette=Image.ADAPTIVE, colors=16)
+    pal.info["transparency"] = 0
+    rgba = np.dstack([np.asarray(rgb), np.linspace(0, 255, 30, dtype=np.uint8)[None, :].repeat(20, 0)])
+    ramp16_rgb = np.repeat(RAMP16[:, :, None], 3, 2)
+    bilevel = rgb.convert("1")
+    return {
+        "L png": (_encode(rgb.convert("L"), "PNG"), gray),
+        "I;16 png ramp": (_encode(Image.fromarray(RAMP16), "PNG"), RAMP8),
+        "I;16 tiff ramp": (_encode(Image.fromarray(RAMP16), "TIFF"), RAMP8),
+        "I 32-bit tiff": (_encode(Image.fromarray(RAMP16.astype(np.int32)), "TIFF"), RAMP8),
+        "F tiff 0..1": (_encode(Image.fromarray(RAMP16.astype(np.float32) / 65535), "TIFF"),
+                        np.repeat(np.rint(RAMP16 / 65535 * 255).astype(np.uint8)[None], 3, 0)),
+        "RGB 16-bit png": (_png_raw(ramp16_rgb, 2), RAMP8),
+        "LA 16-bit png": (_png_raw(np.dstack([RAMP16, RAMP16[::-1]]), 4), RAMP8),
+        "RGBA 16-bit png": (_png_raw(np.dstack([ramp16_rgb, RAMP16[::-1]]), 6), RAMP8),
+        "LA png": (_encode(rgb.convert("LA"), "PNG"), gray),
+        "RGBA png (alpha dropped)": (_encode(Image.fromarray(rgba, "RGBA"), "PNG"), rgb_chw),
+        "P png with transparency": (_encode(pal, "PNG"), np.asarray(pal.convert("RGB")).transpose(2, 0, 1)),
+        "1-bit png": (_encode(bilevel, "PNG"), np.repeat(np.asarray(bilevel.convert("L"))[None], 3, 0)),
+        "RGBA webp lossless": (_encode_kw(Image.fromarray(rgba, "RGBA"), "WEBP", lossless=True, exact=True), rgb_chw),
+        "BMP": (_encode(rgb, "BMP"), rgb_chw),
+        "PPM": (_encode(rgb, "PPM"), rgb_chw),
+        "TIFF": (_encode(rgb, "TIFF"), rgb_chw),
+        "CMYK jpeg": (_encode_kw(rgb.convert("CMYK"), "JPEG", quality=95), None),
+        "gray jpeg": (_encode(rgb.convert("L"), "JPEG"), None),
+        "RGB jpeg": (_encode(rgb, "JPEG"), None),
+    }
+
+
+def _encode_kw(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _as_tensor(img) -> torch.Tensor:
+    if isinstance(img, Image.Image):
+        assert img.mode == "RGB"
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    return img
+
+
+@pytest.mark.parametrize("name", list(_mode_cases()))
+def test_both_decoders_give_the_same_8bit_rgb_for_every_mode(name):
+    data, expected = _mode_cases()[name]
+    pil = _as_tensor(decode_image(data, "pil"))
+    tv = decode_image(data, "torchvision")
+    for out in (pil, tv):
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.dim() == 3 and out.shape[0] == 3
+    assert pil.shape == tv.shape
+    assert (pil.int() - tv.int()).abs().max() <= (2 if expected is None else 0), name
+    if expected is not None:
+        assert torch.equal(pil, torch.from_numpy(np.ascontiguousarray(expected))), name
+    if "ramp" in name or "0..1" in name:
+        assert abs(pil.float().mean().item() - 127.5) < 1 and abs(tv.float().mean().item() - 127.5) < 1
+
+
+def _oriented(fmt: str, orientation: int, **kw) -> bytes:
+    """48x32 blocky image tagged with an EXIF orientation."""
+    base = Image.fromarray(np.kron(np.random.default_rng(3).integers(0, 255, (4, 6, 3), dtype=np.uint8),
+                                   np.ones((8, 8, 1), dtype=np.uint8)))
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    exif[0x0112] = orientation
+    return _encode_kw(base, fmt, exif=exif.tobytes(), **kw)
+
+
+@pytest.mark.parametrize("fmt,kw", [("JPEG", {"quality": 95}), ("PNG", {}), ("WEBP", {"lossless": True}),
+                                    ("TIFF", {})])
+def test_exif_orientation_applied_by_both_decoders(fmt, kw):
+    from PIL import ImageOps
+
+    for orientation in range(1, 9):
+        data = _oriented(fmt, orientation, **kw)
+        reference = _as_tensor(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        assert reference.shape[1:] == ((48, 32) if orientation >= 5 else (32, 48))
+        for decoder in ("pil", "torchvision"):
+            assert torch.equal(_as_tensor(decode_image(data, decoder)), reference), (fmt, orientation, decoder)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+def test_orientation_only_from_exif_and_malformed_exif_is_ignored():
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    for data in (_encode_kw(_gradient(48, 32), "JPEG", xmp=xmp),  # torchvision ignores XMP: so does the rule
+                 _encode_kw(_gradient(48, 32), "JPEG", exif=b"Exif\x00\x00MM\x00\x2a\x00\x00\xff\xff")):
+        pil, tv = _as_tensor(decode_image(data, "pil")), decode_image(data, "torchvision")
+        assert pil.shape == tv.shape == (3, 32, 48) and (pil.int() - tv.int()).abs().max() <= 2

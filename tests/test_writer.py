@@ -213,3 +213,82 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(DataError, match="holds no images"):
         samples_from_imagefolder(tmp_path / "empty")
+
+
+def _decoded(data: bytes, decoder: str):
+    import torch
+
+    from tldist.data.transforms import decode_image
+
+    img = decode_image(data, decoder)
+    return img if isinstance(img, torch.Tensor) else torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def _orientation6_jpeg(w: int, h: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise (portrait)
+    buf = io.BytesIO()
+    Image.fromarray(np.kron(np.random.default_rng(5).integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8),
+                            np.ones((8, 8, 1), dtype=np.uint8))).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def test_exif_orientation_same_for_stored_and_reencoded_images(tmp_path):
+    """Issue 12 #6: one rule at decode time; a re-encode stores the oriented pixels and no tag."""
+    small = _orientation6_jpeg(48, 32)
+    stored = {}
+    for name, kw in {"kept": {}, "resized": {"max_side": 40}, "png": {"reencode": "png"},
+                     "jpg": {"reencode": "jpg", "quality": 95}}.items():
+        m = write_shards([Sample("k", small, "jpg", 0)], tmp_path / name, "train", ["a"], **kw)
+        (parts,) = read_shard(m.shard_urls()[0]).values()
+        (data,) = [v for e, v in parts.items() if e != "cls"]
+        if name != "kept":
+            assert Image.open(io.BytesIO(data)).getexif().get(0x0112, 1) == 1, name  # no tag left to re-apply
+        stored[name] = data
+    for decoder in ("pil", "torchvision"):
+        outs = {name: _decoded(data, decoder) for name, data in stored.items()}
+        assert outs["kept"].shape == outs["png"].shape == outs["jpg"].shape == (3, 48, 32)  # portrait
+        assert outs["resized"].shape == (3, 40, 27)
+        assert torch_equal(outs["kept"], outs["png"])  # PNG re-encode = the decoded pixels
+        assert (outs["kept"].int() - outs["jpg"].int()).abs().float().mean() < 8  # JPEG re-encode loss only
+        assert (outs["kept"].int() - outs["jpg"].flip(1, 2).int()).abs().float().mean() > 30  # not upside down
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_reencode_uses_the_decoding_rule_for_16_bit(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    for kw in ({"max_side": 32}, {"reencode": "jpg"}, {"reencode": "png"}):
+        m = write_shards([Sample("r", buf.getvalue(), "png", 0)], tmp_path / str(len(kw)) / next(iter(kw)),
+                         "train", ["a"], **kw)
+        (parts,) = read_shard(m.shard_urls()[0]).values()
+        (data,) = [v for e, v in parts.items() if e != "cls"]
+        for decoder in ("pil", "torchvision"):
+            assert abs(_decoded(data, decoder).float().mean().item() - 127.5) < 2, (kw, decoder)
+
+
+def test_check_decodes_with_the_training_decoders(tmp_path, caplog):
+    """--check decode runs decode_image with each data.decode value: an image PIL reads but
+    torchvision rejects is skipped (both decoders) or kept (pil only)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    cut = buf.getvalue()[:-20]  # IEND and the last IDAT checksum gone
+    from tldist.data.transforms import decode_image
+
+    decode_image(cut, "pil")  # PIL reads it...
+    with pytest.raises(RuntimeError):
+        decode_image(cut, "torchvision")  # ...torchvision does not
+    good = [Sample(f"g{i}", image_bytes(i, fmt), fmt.lower(), 0) for i, fmt in enumerate(["BMP", "TIFF", "PPM"])]
+    samples = good + [Sample("cut", cut, "png", 0)]
+    m = write_shards(samples, tmp_path / "both", "train", ["a"])
+    assert m.num_samples == 3 and m.meta["skipped"] == 1 and "torchvision" in m.meta["skipped_examples"][0]
+    assert m.meta["writer"]["decoders"] == ["pil", "torchvision"]
+    assert write_shards(samples, tmp_path / "pil", "train", ["a"], decoders=["pil"]).num_samples == 4
+    with pytest.raises(ConfigError, match="decoders"):
+        write_shards(samples, tmp_path / "x", "train", ["a"], decoders=["cv2"])

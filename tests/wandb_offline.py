@@ -1,71 +1,70 @@
-"""Read back what an offline W&B run wrote, from its ``run-<id>.wandb`` file.
+"""Read back what offline W&B runs wrote, with wandb's own reader.
 
-wandb 0.31 ships no Python reader for these files (its reader moved into wandb-core), so this
-decodes the documented container (a LevelDB-style log: 32 KiB blocks, 7-byte record headers,
-FULL/FIRST/MIDDLE/LAST chunks) and parses each record with wandb's own protobuf ``Record``.
+Each attempt of a job writes one segment, ``<output_dir>/wandb/offline-run-<time>-<id>/run-<id>.wandb``.
+``wandb leet inspect --json`` prints its records with wandb-core's transaction-log reader (the
+one ``wandb sync`` uploads with: it stops at a record cut off by a kill). History items of a
+nested value are flattened with ``.`` (``eval/predictions._type``).
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import struct
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-BLOCK = 32768
-HEADER = 7  # crc32 (4) + length (2) + type (1)
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+def _wandb_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("wandb")
+    return [str(exe)] if exe.is_file() else [shutil.which("wandb") or "wandb"]
 
 
-def _records(path: Path):
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
-    pos, chunks = 7, b""
-    while pos + HEADER <= len(data):
-        left_in_block = BLOCK - pos % BLOCK
-        if left_in_block < HEADER:
-            pos += left_in_block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        payload = data[pos + HEADER:pos + HEADER + length]
-        pos += HEADER + length
-        if kind == 0 and length == 0:
-            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
-            continue
-        if kind == FULL:
-            yield payload
-        elif kind == FIRST:
-            chunks = payload
-        elif kind == MIDDLE:
-            chunks += payload
-        elif kind == LAST:
-            yield chunks + payload
-            chunks = b""
+def read_segment(path: str | Path) -> dict:
+    """One ``.wandb`` file: ``{"path", "run_id", "start_time", "history": [row dict per history
+    record, in file order], "config": {key: value}, "summary": {key: value}}``."""
+    proc = subprocess.run([*_wandb_cli(), "leet", "inspect", "--json", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, f"wandb leet inspect failed on {path}: {proc.stderr[-2000:]}"
+    seg: dict = {"path": Path(path), "run_id": None, "start_time": "", "history": [], "config": {}, "summary": {}}
+    for line in proc.stdout.splitlines():
+        rec = json.loads(line)
+        kind = rec["type"]
+        if kind == "run":
+            seg["run_id"], seg["start_time"] = rec["run"]["run_id"], rec["run"].get("start_time", "")
+            seg["config"].update(rec["run"].get("config", {}).get("update", {}))
+        elif kind == "history":
+            seg["history"].append(rec["history"].get("item", {}))
+        elif kind == "config":
+            seg["config"].update(rec["config"].get("update", {}))
+        elif kind == "summary":
+            seg["summary"].update(rec["summary"].get("update", {}))
+    return seg
+
+
+def _start_key(start_time: str) -> tuple[str, float]:
+    """RFC 3339 ``2026-11-30T11:17:29.891635Z`` -> a sort key (fractions have varying length)."""
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", start_time)
+    return (m.group(1), float(m.group(2) or 0)) if m else (start_time, 0.0)
+
+
+def read_segments(output_dir: str | Path) -> list[dict]:
+    """Every offline segment under ``output_dir/wandb`` (:func:`read_segment`), in the order
+    ``wandb sync`` uploads the segments of one run: by the run's start time."""
+    files = glob.glob(str(Path(output_dir) / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert files, f"no offline W&B run under {output_dir}/wandb"
+    return sorted((read_segment(f) for f in files), key=lambda s: _start_key(s["start_time"]))
 
 
 def read_offline_run(output_dir: str | Path) -> dict:
-    """``{"run_ids", "history": [dict per log call], "config": {key: value}, "summary": {...}}``."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    files = sorted(glob.glob(str(Path(output_dir) / "wandb" / "offline-run-*" / "run-*.wandb")))
-    assert files, f"no offline W&B run under {output_dir}/wandb"
+    """All segments merged as a sync uploads them: ``{"run_ids": [one per segment], "history":
+    [rows, segment after segment], "config": {...}, "summary": {...}}`` (later segments win)."""
     out: dict = {"run_ids": [], "history": [], "config": {}, "summary": {}}
-    for f in files:
-        for raw in _records(Path(f)):
-            rec = pb.Record()
-            rec.ParseFromString(raw)
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                out["run_ids"].append(rec.run.run_id)
-                for u in rec.run.config.update:
-                    out["config"][u.key or "/".join(u.nested_key)] = json.loads(u.value_json)
-            elif kind == "history":
-                out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                                       for i in rec.history.item})
-            elif kind == "config":
-                for u in rec.config.update:
-                    out["config"][u.key or "/".join(u.nested_key)] = json.loads(u.value_json)
-            elif kind == "summary":
-                for u in rec.summary.update:
-                    out["summary"][u.key or "/".join(u.nested_key)] = json.loads(u.value_json)
+    for seg in read_segments(output_dir):
+        out["run_ids"].append(seg["run_id"])
+        out["history"] += seg["history"]
+        out["config"].update(seg["config"])
+        out["summary"].update(seg["summary"])
     return out

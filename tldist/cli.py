@@ -89,18 +89,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; a :class:`UserError` becomes one line, exit 2.
 
+    In a multi-process job an error that every rank raises alike (a config mistake, a data fault
+    the ranks agreed on, a locked output directory) is printed by rank 0 only; an error of one
+    rank is printed by that rank with its number. A rank whose collective failed because another
+    rank died prints one line saying so (exit 1) instead of a backend traceback.
     Shared by every stand-alone entry point (``python -m tldist.launch``, ``tldist.adapt.cli``...).
     """
     args = parser.parse_args(argv)
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"tldist: error: {prefix}{e}", file=sys.stderr)
+        if not prefix or not getattr(e, "same_on_every_rank", False):
+            print(f"tldist: error: {prefix}{e}", file=sys.stderr, flush=True)
+            from tldist.launch.worker import report_to_launcher
+
+            report_to_launcher(f"tldist: error: {prefix}{e}")  # names the cause in accelerate's failure summary
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        from tldist.train.distributed import is_peer_failure
+
+        if not is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"tldist: error: [rank {rank or 0}] stopped because another process of this job failed or was lost "
+              f"({type(e).__name__}: {first}); that process's own error is printed above", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ naming the key.
 from __future__ import annotations
 
 import dataclasses
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -54,7 +55,8 @@ class DataConfig:
     samples_per_epoch: int = 0
     """Declared epoch size in samples; 0 means the manifests' total (required with ``resampled``)."""
     decode: str = "pil"
-    """JPEG/PNG decoder in loader workers: ``pil`` or ``torchvision`` (torchvision.io.decode_image)."""
+    """Image decoder in loader workers: ``pil`` or ``torchvision`` (torchvision.io.decode_image for JPEG/PNG/WebP,
+    PIL for other formats); both give the same pixels (rule in :mod:`tldist.data.transforms`)."""
     max_skip_fraction: float = 0.01
     """Stop the run when more than this fraction of samples read so far failed to decode."""
     pin_memory: bool = True
@@ -135,7 +137,7 @@ class TrainConfig:
     log_every_steps: int = 10
     """Log train metrics every N optimizer steps."""
     seed: int = 0
-    """Seed for model init and dropout."""
+    """Seed for model init (the same on every rank); dropout and drop-path draw from ``seed + rank``."""
     channels_last: bool = True
     """Use channels_last memory format for conv nets on GPUs (ignored on CPU, where it is slower,
     and under FSDP2, which cannot shard channels_last parameters)."""
@@ -147,6 +149,9 @@ class TrainConfig:
     """Append each step's sample keys to ``output_dir/trace/rank<r>.jsonl`` (reproducibility checks)."""
     profile: bool = False
     """Write a torch profiler trace of a few steps to ``output_dir/profile``."""
+    collective_timeout_s: int = 600
+    """Seconds a collective (all-reduce, barrier) may wait for the other ranks before it raises and
+    the job ends; bounds the hang when a node is lost without closing its connections."""
 
 
 @dataclass
@@ -223,6 +228,7 @@ class JobConfig:
                  f"entry ({len(d.train)})")
         if any(w <= 0 for w in t.task_weights):
             _bad("train.task_weights", t.task_weights, "weights must be > 0")
+        _positive("train.collective_timeout_s", t.collective_timeout_s)
         _choice("transfer.strategy", self.transfer.strategy, ("linear_probe", "full", "last_n"))
         _positive("transfer.last_n", self.transfer.last_n)
         if not 0 < self.transfer.layer_decay <= 1:
@@ -266,35 +272,98 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Build a :class:`JobConfig`: defaults < YAML file at ``path`` < ``overrides`` (``key=value``)."""
+    """Build a :class:`JobConfig`: defaults < YAML file at ``path`` < ``overrides`` (``key=value``).
+
+    Every mistake raises :class:`ConfigError` with one line naming the file (with the line and
+    column of a YAML syntax error) or the override, and the key: a missing or unreadable file, YAML
+    that does not parse or is not a mapping, an override without ``=`` or whose value does not parse
+    as YAML (``data.train=[a,``), an unknown key, a value of the wrong type, a bad interpolation.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     merged = OmegaConf.structured(JobConfig)
     layers: list[tuple[str, Any]] = []
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found: pass the path of a YAML file such as configs/demo.yaml")
-        try:
-            layers.append((str(p), OmegaConf.load(p)))
-        except Exception as e:  # yaml syntax errors
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        layers.append((f"config file '{path}'", _load_yaml_file(Path(path))))
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (for example optim.lr=3e-4)")
-    if overrides:
-        try:
-            layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"bad override: {_omegaconf_message(e)}") from None
+        layers.append((f"override '{item}'", _parse_override(item)))
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: {_omegaconf_message(e)}") from None
-    cfg: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        cfg: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:  # interpolations are resolved here: ${...} naming no key
+        where = f"config file '{path}' or the overrides" if path is not None else "the overrides"
+        raise ConfigError(f"{_omegaconf_message(e)} (set in {where})") from None
     return cfg
+
+
+def _load_yaml_file(p: Path) -> Any:
+    """The YAML file ``p`` as an OmegaConf mapping; one-line :class:`ConfigError` for any problem."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' not found: pass the path of a YAML file such as configs/demo_target.yaml")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{p}' cannot be read: {e.strerror or e}") from None
+    try:
+        kind = yaml.compose(text, Loader=yaml.SafeLoader)  # the document's top node, nothing constructed
+        layer = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {_yaml_problem(e)}") from None
+    except (OmegaConfBaseException, OSError, ValueError) as e:
+        raise ConfigError(f"config file '{p}': {_omegaconf_message(e)}") from None
+    if kind is not None and not isinstance(kind, yaml.MappingNode):
+        what = "a list" if isinstance(kind, yaml.SequenceNode) else "a single value"
+        raise ConfigError(f"config file '{p}' holds {what}, not a mapping of config keys: write keys like "
+                          "'optim: {lr: 0.1}' (see configs/demo_target.yaml)")
+    return layer
+
+
+def _parse_override(item: str) -> Any:
+    """One ``key=value`` override as an OmegaConf mapping; one-line :class:`ConfigError` naming it."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override '{item}' is not key=value (for example optim.lr=3e-4)")
+    if not key.strip():
+        raise ConfigError(f"override '{item}' has no key before '=' (for example optim.lr=3e-4)")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at character {mark.column + 1} of the value" if mark is not None and mark.line == 0 \
+            else " at the end of the value"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}{where}): close its brackets "
+                          "and quotes, e.g. data.train=[a,b] or run_name='a: b'") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override '{item}': {_omegaconf_message(e)}") from None
+
+
+def _yaml_problem(e: Exception) -> str:
+    """``line 3, column 4: did not find expected ',' or ']' (while parsing a flow sequence at line 2, column 10)``."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    text = problem or " ".join(str(e).split())
+    if mark is not None:
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {text}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context:
+        at = f" at line {cmark.line + 1}, column {cmark.column + 1}" if cmark is not None else ""
+        text += f" ({context}{at})"
+    return text
 
 
 def config_from_dict(d: dict[str, Any]) -> JobConfig:

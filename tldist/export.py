@@ -3,11 +3,16 @@
 An export directory holds ``model.safetensors`` (plain state dict) and ``model.json``::
 
     {"model": "resnet50", "num_classes": 10, "classes": [...],
-     "preprocess": {"image_size": 224, "resize": 256, "mean": [...], "std": [...],
+     "preprocess": {"image_size": 224, "resize": 232, "crop_pct": 0.9655..., "mean": [...], "std": [...],
                     "interpolation": "bilinear"}, "source_checkpoint": "...", "tldist_version": "..."}
 
 so that ``tldist predict`` (or any script with torchvision + safetensors) can rebuild the model and
-its preprocessing without the training config.
+its preprocessing without the training config. ``preprocess`` is
+:func:`tldist.data.transforms.eval_preprocess`: resize the shorter side to ``resize`` (``floor(image_size
+/ crop_pct)``, ``crop_pct`` and ``interpolation`` from the weights' metadata), center-crop ``image_size``:
+exactly what training's own eval did. ``model_kwargs`` are the constructor arguments to build the
+architecture with (e.g. ``{"transform_input": true}`` for a pretrained googlenet; see
+:attr:`tldist.models.factory.ModelInfo.model_kwargs`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
     from tldist import __version__
     from tldist.config import config_from_dict
+    from tldist.data.transforms import eval_preprocess
     from tldist.errors import DataError
     from tldist.models.factory import build_model
 
@@ -67,13 +73,57 @@ def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     image_size = image_size or info.input_size
     meta: dict[str, Any] = {
         "model": cfg.model.name, "num_classes": num_classes, "classes": classes,
-        "preprocess": {"image_size": image_size, "resize": int(round(image_size / info.crop_pct)), "mean": list(info.mean),
-                       "std": list(info.std), "interpolation": info.interpolation},
+        "preprocess": eval_preprocess(info, image_size),  # what training's eval used (one definition)
         "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step"), "tldist_version": __version__,
+        "model_kwargs": info.model_kwargs,  # constructor arguments a rebuild needs (factory.ModelInfo.model_kwargs)
     }
     if trainer.get("tasks"):  # model.heads=separate: each task owns a slice of the outputs
         meta["tasks"] = [{"name": t["name"], "classes": t["classes"], "offset": t["offset"]} for t in trainer["tasks"]]
     return model.eval(), meta
+
+
+def describe_checkpoint(path: str | Path) -> dict[str, Any]:
+    """What a model file or directory records about its model, without building it.
+
+    ``path``: an export dir (``model.json``), a ``step_*`` checkpoint dir (``trainer.json`` +
+    ``config.yaml``), a run dir (-> its best, else latest checkpoint) or a plain weights file / dir
+    holding only ``model.safetensors``. Returns ``{"kind": "export" | "checkpoint" | "weights",
+    "path": Path (the weights to load), "model": architecture name or None, "classes": class names
+    in output order ([] when none are recorded), "tasks": multi-task heads or None, "image_size":
+    int (0: unknown), "preprocess": model.json's ``preprocess`` or None}``. Raises
+    :class:`UserError` naming the path when it does not exist or its metadata is unreadable.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"checkpoint '{path}' does not exist: give a checkpoint dir (step_*), a run dir, an export "
+                        "dir or a weights file")
+
+    def read(f: Path) -> dict[str, Any]:
+        try:
+            return json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"'{f}' could not be read as JSON ({e}): re-create it ('tldist export' or a new "
+                            "checkpoint)") from None
+
+    out: dict[str, Any] = {"kind": "weights", "path": p, "model": None, "classes": [], "tasks": None,
+                           "image_size": 0, "preprocess": None}
+    if p.is_file() or ((p / "model.safetensors").is_file() and not (p / "model.json").is_file()
+                       and not (p / "trainer.json").is_file()):
+        return out
+    if (p / "model.json").is_file():
+        meta = read(p / "model.json")
+        pre = meta.get("preprocess") or {}
+        return {**out, "kind": "export", "model": meta.get("model"), "classes": list(meta.get("classes") or []),
+                "tasks": meta.get("tasks"), "image_size": int(pre.get("image_size") or 0), "preprocess": pre or None}
+    import yaml
+
+    ckpt = _checkpoint_dir(p)
+    trainer = read(ckpt / "trainer.json")
+    model = None
+    if (ckpt / "config.yaml").is_file():
+        model = ((yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("model") or {}).get("name")
+    return {**out, "kind": "checkpoint", "path": ckpt, "model": model, "classes": list(trainer.get("classes") or []),
+            "tasks": trainer.get("tasks"), "image_size": int(trainer.get("image_size") or 0)}
 
 
 def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -152,19 +202,16 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def predict(export_dir: str | Path, images: list[str], top_k: int = 3) -> list[dict[str, Any]]:
     """Classify image files with an exported model: the top-k (class, probability) per image, and
     per task (``tasks``: name -> top-k, each over its own head) for a multi-task export."""
-    from PIL import Image
-
-    from tldist.data.transforms import Normalizer, build_eval_transform
+    from tldist.data.transforms import Normalizer, build_eval_transform, decode_image, preprocess_crop_pct
 
     model, meta = load_exported(export_dir)
     pre = meta["preprocess"]
-    transform = build_eval_transform(pre["image_size"], pre["interpolation"])
+    transform = build_eval_transform(pre["image_size"], pre.get("interpolation", "bilinear"), preprocess_crop_pct(pre))
     normalize = Normalizer(pre["mean"], pre["std"], channels_last=False)
     results = []
     for path in images:
         try:
-            with Image.open(path) as im:
-                x = transform(im.convert("RGB"))
+            x = transform(decode_image(Path(path).read_bytes(), "pil"))  # training's rule: EXIF, 16-bit...
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image '{path}': {e}") from None
         logits = model(normalize(x[None]))[0]

@@ -260,7 +260,7 @@ def adabn(model: str, target: str, out: str, *, mode: str = "population", batche
     from tldist.config import DataConfig
     from tldist.data.manifest import load_manifest
     from tldist.data.pipeline import build_eval_loader
-    from tldist.data.transforms import Normalizer
+    from tldist.data.transforms import Normalizer, preprocess_crop_pct
     from tldist.train.checkpoint import gather_objects
     from tldist.train.distributed import world_of
 
@@ -283,18 +283,19 @@ def adabn(model: str, target: str, out: str, *, mode: str = "population", batche
         raise UserError(f"--model '{model}' ({loaded.meta['model']}) has no BatchNorm layers with running "
                         "statistics (e.g. ViTs use LayerNorm): AdaBN does not apply to it")
     pre = loaded.meta["preprocess"]
-    size, interp = int(pre["image_size"]), pre.get("interpolation", "bilinear")
+    size, interp, crop_pct = int(pre["image_size"]), pre.get("interpolation", "bilinear"), preprocess_crop_pct(pre)
     normalize = Normalizer(pre["mean"], pre["std"], device=device)
     data_cfg = DataConfig(batch_size=batch_size, eval_batch_size=batch_size, num_workers=num_workers)
-    loader = build_eval_loader(data_cfg, world, image_size=size, interpolation=interp, location=target)
+    loader = build_eval_loader(data_cfg, world, image_size=size, interpolation=interp, crop_pct=crop_pct,
+                               location=target)
     data = TargetBatches(loader, normalize, device, limit=batches * batch_size)
     summary: dict[str, Any] = {"model": loaded.path, "model_kind": loaded.kind, "target": str(target), "mode": mode,
                                "bn_layers": len(layers), "world_size": world.world_size, "out": str(out)}
     val_loader = None
     if val:
         classes = list(loaded.meta.get("classes") or []) or None
-        val_loader = build_eval_loader(data_cfg, world, image_size=size, interpolation=interp, location=val,
-                                       classes=classes)
+        val_loader = build_eval_loader(data_cfg, world, image_size=size, interpolation=interp, crop_pct=crop_pct,
+                                       location=val, classes=classes)
         summary["val"] = str(val)
         summary["before"] = evaluate(net, val_loader, normalize, int(loaded.meta["num_classes"]), device)
     original = copy.deepcopy(bn_state(net))

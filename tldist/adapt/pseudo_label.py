@@ -148,6 +148,7 @@ def pseudo_label(model: str, unlabelled: str, out: str, *, threshold: float = 0.
     from tldist.config import DataConfig
     from tldist.data.manifest import load_manifest
     from tldist.data.pipeline import build_eval_loader
+    from tldist.data.transforms import preprocess_crop_pct
     from tldist.train.checkpoint import gather_objects
     from tldist.train.distributed import world_of
 
@@ -164,7 +165,8 @@ def pseudo_label(model: str, unlabelled: str, out: str, *, threshold: float = 0.
     pre = loaded.meta["preprocess"]
     data_cfg = DataConfig(batch_size=batch_size, eval_batch_size=batch_size, num_workers=num_workers)
     loader = build_eval_loader(data_cfg, world_of(accelerator), image_size=int(pre["image_size"]),
-                               interpolation=pre.get("interpolation", "bilinear"), location=unlabelled,
+                               interpolation=pre.get("interpolation", "bilinear"), crop_pct=preprocess_crop_pct(pre),
+                               location=unlabelled,
                                classes=classes if true_labels else None)
     if accelerator.is_main_process:
         log.info("pseudo-labelling %d samples of %s with %s (%s), threshold %.3f, %d process(es)",

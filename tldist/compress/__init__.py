@@ -231,13 +231,15 @@ def shard_batches(location: str, meta: dict[str, Any], world: World, *, batch_si
     """Eval-transformed batches of ``location`` for this rank (see ``build_eval_loader``)."""
     from tldist.config import DataConfig
     from tldist.data.pipeline import build_eval_loader
+    from tldist.data.transforms import preprocess_crop_pct
 
     pre = meta["preprocess"]
     cfg = DataConfig(val=location, batch_size=batch_size, eval_batch_size=batch_size, num_workers=num_workers,
                      pin_memory=False)
     classes = meta.get("classes") or None
     return build_eval_loader(cfg, world, image_size=int(pre["image_size"]),
-                             interpolation=pre.get("interpolation", "bilinear"), classes=classes)
+                             interpolation=pre.get("interpolation", "bilinear"), crop_pct=preprocess_crop_pct(pre),
+                             classes=classes)
 
 
 @torch.no_grad()
@@ -309,7 +311,13 @@ def script_bytes(module: torch.jit.ScriptModule, extra: Optional[dict[str, str]]
 
 
 def load_script(data: bytes | str | os.PathLike) -> torch.jit.ScriptModule:
-    """Load a TorchScript module from bytes or a file on CPU, quietly."""
+    """Load a TorchScript module from bytes or a file on CPU, quietly.
+
+    Only for TorchScript that tldist has just written itself (``compress export`` re-loads its
+    ``model.ts`` to verify it, ``compress quantize`` its serialized bytes): TorchScript is a program
+    whose graph runs when called, so user-supplied files must not come here (see
+    :func:`tldist.compress.quantize.load_int8` for the one user-facing loader, which checks the format).
+    """
     import warnings
 
     with warnings.catch_warnings():

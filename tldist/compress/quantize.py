@@ -104,15 +104,49 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, *, freeze: bool = Tr
 
 
 def load_int8(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Load a ``tldist compress quantize`` output (directory or ``model_int8.pt``): ``(module, meta)``."""
+    """Load a ``tldist compress quantize`` output (directory or ``model_int8.pt``): ``(module, meta)``.
+
+    ``model_int8.pt`` is TorchScript, i.e. a program: ``torch.jit.load`` unpickles nothing with Python
+    globals, but the graph runs whatever TorchScript ops it holds when called. So only a TorchScript
+    archive that carries the ``model.json`` (format ``torchscript-int8``) this command embeds reaches
+    ``torch.jit.load``; anything else (a ``torch.save`` pickle, a truncated file) is refused with a
+    one-line :class:`UserError` before it is parsed. The check proves the format, not the author: load
+    only directories you wrote. ``meta`` is that embedded ``model.json``.
+    """
     p = Path(path)
     f = p / INT8_FILE if p.is_dir() else p
     if not f.is_file():
         raise UserError(f"'{path}' holds no {INT8_FILE}: give a directory written by 'tldist compress quantize'")
-    extra = {"model.json": ""}
+    meta = _int8_archive_meta(f)
     with _quiet():
-        module = torch.jit.load(str(f), map_location="cpu", _extra_files=extra).eval()
-    return module, json.loads(extra["model.json"] or "{}")
+        try:
+            module = torch.jit.load(str(f), map_location="cpu").eval()
+        except RuntimeError as e:
+            first = " ".join(str(e).split())[:200]
+            raise UserError(f"'{f}' could not be loaded as TorchScript ({first}): re-create it with "
+                            "'tldist compress quantize'") from None
+    return module, meta
+
+
+def _int8_archive_meta(f: Path) -> dict[str, Any]:
+    """The ``model.json`` embedded in a TorchScript archive written by :func:`write_int8_dir`, read with
+    :mod:`zipfile` (no unpickling); :class:`UserError` if ``f`` is not such an archive."""
+    import zipfile
+
+    bad = (f"'{f}' is not a TorchScript archive written by 'tldist compress quantize' ({{}}); tldist loads "
+           "TorchScript only from its own outputs: re-create it with 'tldist compress quantize'")
+    try:
+        with zipfile.ZipFile(f) as zf:
+            names = zf.namelist()
+            found = [n for n in names if n.count("/") == 2 and n.endswith("/extra/model.json")]
+            if len(found) != 1 or not any("/code/" in n for n in names):
+                raise UserError(bad.format("no TorchScript code with an embedded model.json"))
+            meta = json.loads(zf.read(found[0]))
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(bad.format(f"{type(e).__name__}")) from None
+    if not isinstance(meta, dict) or meta.get("format") != "torchscript-int8":
+        raise UserError(bad.format("its model.json is not format torchscript-int8"))
+    return meta
 
 
 def quantize_export(export_dir: str, out: str, *, val: str, calib: Optional[str] = None, method: str = "static",

@@ -99,7 +99,7 @@ def load_manifest(location: str | Path) -> Manifest:
         url = location if location.endswith(".json") else location.rstrip("/") + "/" + MANIFEST_NAME
         try:
             with urllib.request.urlopen(url, timeout=30) as r:
-                raw = r.read().decode()
+                raw = r.read()  # bytes: json.loads decodes them (a bad encoding is malformed)
         except OSError as e:
             raise DataError(f"cannot fetch manifest '{url}': {e}") from None
         base = url.rsplit("/", 1)[0]
@@ -112,12 +112,15 @@ def load_manifest(location: str | Path) -> Manifest:
                 f"no manifest at '{path}': point data.* at a shard directory written by "
                 f"'tldist shards' (it holds {MANIFEST_NAME}) or at the manifest file itself"
             )
-        raw = path.read_text()
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read manifest '{path}': {e.strerror or e}") from None
         base = str(path.parent)
     return _parse(raw, location, base)
 
 
-def _parse(raw: str, location: str, base: str) -> Manifest:
+def _parse(raw: str | bytes, location: str, base: str) -> Manifest:
     try:
         d = json.loads(raw)
         version = d.get("format_version", FORMAT_VERSION)
@@ -125,8 +128,8 @@ def _parse(raw: str, location: str, base: str) -> Manifest:
             raise DataError(f"manifest '{location}' has format_version {version}; this tldist reads up to {FORMAT_VERSION}")
         shards = [ShardInfo(name=s["name"], num_samples=int(s["num_samples"])) for s in d["shards"]]
         m = Manifest(split=d.get("split", ""), classes=list(d["classes"]), shards=shards,
-                     meta=d.get("meta", {}), base=base)
-    except (ValueError, KeyError, TypeError) as e:
+                     meta=dict(d.get("meta", {})), base=base)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: not a JSON object
         raise DataError(f"manifest '{location}' is malformed ({type(e).__name__}: {e}); rewrite it with 'tldist shards'") from None
     if not m.shards:
         raise DataError(f"manifest '{location}' lists no shards")

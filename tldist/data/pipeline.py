@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tldist.config import DataConfig
 from tldist.data.manifest import Manifest, load_manifest, resolve_shard_urls
 from tldist.data.stream import SourceSpec
-from tldist.data.transforms import build_eval_transform, build_train_transform
+from tldist.data.transforms import EVAL_CROP_PCT, build_eval_transform, build_train_transform
 from tldist.data.worker import MIN_READ_FOR_FAULT_CHECK, EvalDataset, TrainDataset, skip_error
 from tldist.errors import ConfigError, DataError
 from tldist.world import World
@@ -90,8 +90,12 @@ class TrainLoader:
 
     def __init__(self, dataset: TrainDataset, *, world: World, num_workers: int, epoch_samples: int,
                  classes: list[str], source_names: list[str], pin_memory: bool = True, prefetch_factor: int = 2,
-                 recycle_batches: bool = False):
+                 recycle_batches: bool = False, raise_on_fault: bool = True):
         self.dataset, self.world, self.num_workers = dataset, world, num_workers
+        self.raise_on_fault = raise_on_fault
+        self.fault: Optional[DataError] = None
+        """Set (instead of raised, with ``raise_on_fault=False``) once this rank's skipped samples
+        exceed ``data.max_skip_fraction``: the trainer has all ranks agree on it and stop together."""
         self.classes, self.source_names = classes, source_names
         self.num_samples = epoch_samples
         self.batch_size = dataset.batch_size
@@ -136,8 +140,10 @@ class TrainLoader:
         # -- fault threshold over this rank's workers
         stats = self.stats()
         read, skipped = stats["read"], stats["skipped"]
-        if read >= MIN_READ_FOR_FAULT_CHECK and skipped > self.dataset.max_skip_fraction * read:
-            raise skip_error(read, skipped, self.dataset.max_skip_fraction, f"on rank {self.world.rank}")
+        if read >= MIN_READ_FOR_FAULT_CHECK and skipped > self.dataset.max_skip_fraction * read and self.fault is None:
+            self.fault = skip_error(read, skipped, self.dataset.max_skip_fraction, f"on rank {self.world.rank}")
+            if self.raise_on_fault:
+                raise self.fault
         return batch
 
     def close(self) -> None:
@@ -275,13 +281,16 @@ def _check(cfg: DataConfig) -> None:
 
 
 def build_train_loader(cfg: DataConfig, world: World, *, image_size: int, interpolation: str = "bilinear",
-                       prefetch_factor: int = 2, recycle_batches: bool = False) -> TrainLoader:
+                       prefetch_factor: int = 2, recycle_batches: bool = False,
+                       raise_on_fault: bool = True) -> TrainLoader:
     """Infinite, exactly resumable training loader for this rank (see :class:`TrainLoader`).
 
     With ``recycle_batches`` the workers refill a batch's shared-memory image buffer once
     :data:`RECYCLE_HOLD` later batches have been handed out, sparing a fresh allocation per
     batch: only for consumers that are done with a batch by then (the training loop is;
-    ``clone()`` an image tensor to keep it longer).
+    ``clone()`` an image tensor to keep it longer). With ``raise_on_fault=False`` crossing
+    ``data.max_skip_fraction`` sets :attr:`TrainLoader.fault` instead of raising, for callers
+    that stop all ranks together (the training loop).
 
     Do not pass it to ``accelerator.prepare``. Raises :class:`DataError` for missing manifests
     or local shards and :class:`ConfigError` for inconsistent ``data.*`` settings.
@@ -316,17 +325,21 @@ def build_train_loader(cfg: DataConfig, world: World, *, image_size: int, interp
     epoch_samples = cfg.samples_per_epoch or sum(s.num_samples for s in sources)
     return TrainLoader(dataset, world=world, num_workers=cfg.num_workers, epoch_samples=epoch_samples,
                        classes=classes, source_names=[str(t) for t in cfg.train], pin_memory=cfg.pin_memory,
-                       prefetch_factor=prefetch_factor, recycle_batches=recycle_batches)
+                       prefetch_factor=prefetch_factor, recycle_batches=recycle_batches,
+                       raise_on_fault=raise_on_fault)
 
 
 def build_eval_loader(cfg: DataConfig, world: World, *, image_size: int, interpolation: str = "bilinear",
-                      location: Optional[str] = None, classes: Optional[list[str]] = None,
-                      prefetch_factor: int = 2) -> EvalLoader:
+                      crop_pct: float = EVAL_CROP_PCT, location: Optional[str] = None,
+                      classes: Optional[list[str]] = None, prefetch_factor: int = 2) -> EvalLoader:
     """Eval loader for ``location`` (default ``cfg.val``): each val sample once across ranks x workers.
 
-    ``cfg.val_urls`` applies only to ``cfg.val``. With ``classes`` (the training class list, e.g.
-    ``train_loader.classes``) val labels are remapped to it by name. Raises :class:`DataError`
-    for missing manifests or local shards, or val classes the model does not know.
+    Images: resize to ``floor(image_size / crop_pct)`` with ``interpolation``, center-crop
+    ``image_size`` (:func:`~tldist.data.transforms.build_eval_transform`; pass the model's
+    ``ModelInfo.crop_pct``). ``cfg.val_urls`` applies only to ``cfg.val``. With ``classes`` (the
+    model's class list: ``train_loader.classes``, trainer.json or model.json ``classes``) val labels
+    are remapped to it by name; the set may hold any subset of them, in any order. Raises
+    :class:`DataError` for missing manifests or local shards, or val classes the model does not know.
     """
     _check(cfg)
     if location is None:
@@ -340,13 +353,16 @@ def build_eval_loader(cfg: DataConfig, world: World, *, image_size: int, interpo
     if classes is not None and list(manifest.classes) != list(classes)[:len(manifest.classes)]:
         unknown = [c for c in manifest.classes if c not in classes]
         if unknown:
-            raise DataError(f"val set '{location}' has classes the training data lacks: {unknown[:5]}; "
-                            f"evaluate on a set whose classes are a subset of the training classes")
-        label_map = [list(classes).index(c) for c in manifest.classes]
+            more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise DataError(f"val set '{location}' has classes the model does not know: {unknown[:5]}{more} (the "
+                            f"model has {len(classes)}: {list(classes)[:5]}{'...' if len(classes) > 5 else ''}); "
+                            "evaluate on a set whose classes are a subset of the model's classes")
+        index = {c: i for i, c in enumerate(classes)}
+        label_map = [index[c] for c in manifest.classes]
     batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
     dataset = EvalDataset(source, num_classes=manifest.num_classes, rank=world.rank, world_size=world.world_size,
                           num_workers=cfg.num_workers, batch_size=batch_size, image_size=image_size,
-                          transform=build_eval_transform(image_size, interpolation), decoder=cfg.decode,
+                          transform=build_eval_transform(image_size, interpolation, crop_pct), decoder=cfg.decode,
                           label_map=label_map)
     return EvalLoader(dataset, num_workers=cfg.num_workers, classes=list(classes or manifest.classes),
                       pin_memory=cfg.pin_memory, prefetch_factor=prefetch_factor)

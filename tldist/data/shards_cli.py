@@ -37,7 +37,12 @@ def _summary(path: Path, m: Manifest) -> str:
 def _write_kw(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_count": args.max_count, "max_size": (parse_size(args.max_size) or None) if args.max_size else None,
             "min_shards": args.min_shards, "reencode": args.reencode, "quality": args.quality,
-            "max_side": args.max_side, "check": args.check}
+            "max_side": args.max_side, "check": args.check, "decoders": _decoders(args.decoder)}
+
+
+def _decoders(choice: str) -> list[str]:
+    """``--decoder`` value -> the data.decode values to check with."""
+    return ["pil", "torchvision"] if choice == "both" else [choice]
 
 
 def _read_classes(path: str | None) -> list[str] | None:
@@ -58,20 +63,23 @@ def cmd_imagefolder(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     written = write_imagefolder(args.root, out, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
-                                shuffle=not args.no_shuffle, **_write_kw(args))
+                                shuffle=not args.no_shuffle, keep_empty_classes=args.keep_empty_classes,
+                                **_write_kw(args))
     for split, m in written.items():
         print(_summary(out / split, m))
     return 0
 
 
 def cmd_csv(args: argparse.Namespace) -> int:
-    """``tldist shards csv``: shard the images listed in a ``path,label`` CSV/TSV file."""
-    from tldist.data.writer import samples_from_csv, write_shards
+    """``tldist shards csv``: shard the images listed in a ``path,label`` CSV/TSV file (and a val split)."""
+    from tldist.data.writer import write_csv
 
-    classes, samples = samples_from_csv(args.file, args.root, classes=_read_classes(args.classes), seed=args.seed,
-                                        shuffle=not args.no_shuffle)
-    out = Path(args.out) / args.split
-    print(_summary(out, write_shards(samples, out, args.split, classes, **_write_kw(args))))
+    out = Path(args.out)
+    written = write_csv(args.file, out, root=args.root, classes=_read_classes(args.classes), split=args.split,
+                        val_fraction=args.val_fraction, seed=args.seed, shuffle=not args.no_shuffle,
+                        **_write_kw(args))
+    for split, m in written.items():
+        print(_summary(out / split, m))
     return 0
 
 
@@ -103,7 +111,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """``tldist shards verify``: check a shard set against its manifest; exit 1 on any problem."""
     from tldist.data.verify import verify_shards
 
-    report = verify_shards(args.location, urls=args.urls, decode=not args.no_decode)
+    report = verify_shards(args.location, urls=args.urls, decode=not args.no_decode, decoders=_decoders(args.decoder))
     for name, n in report.found.items():
         expected = report.expected[name]
         print(f"  {name}: {n} samples" + ("" if n == expected else f" (manifest: {expected})"))
@@ -125,10 +133,18 @@ def _add_write_options(p: argparse.ArgumentParser, split_choices: list[str] | No
     g.add_argument("--max-side", type=int, default=0, metavar="PX",
                    help="downscale images whose longest side exceeds PX (re-encodes them; default 0: keep)")
     g.add_argument("--check", choices=["decode", "verify", "none"], default="decode",
-                   help="how to test source images; bad ones are skipped and counted (default decode)")
+                   help="how to test source images: decode = as training does, verify = PIL structure only, "
+                        "none; bad ones are skipped and counted (default decode)")
+    _add_decoder_option(g, "--check decode tests with")
     g.add_argument("--seed", type=int, default=0, help="seed for the sample order and splits (default 0)")
     g.add_argument("--no-shuffle", action="store_true", help="keep the source order instead of a seeded shuffle")
     p.add_argument("--split", default="train", choices=split_choices, help="split name; output goes to OUT/<split>")
+
+
+def _add_decoder_option(g: Any, what: str) -> None:
+    g.add_argument("--decoder", choices=["pil", "torchvision", "both"], default="both",
+                   help=f"the data.decode value(s) {what}: pil, torchvision or both (default both, "
+                        "so the shards suit either setting)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -143,6 +159,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("out", metavar="OUT")
     q.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
                    help="also write OUT/val from a seeded stratified fraction F of each class")
+    q.add_argument("--keep-empty-classes", action="store_true",
+                   help="keep class folders that hold no images as classes (default: refuse them)")
     _add_write_options(q)
     q.set_defaults(func=cmd_imagefolder)
 
@@ -151,6 +169,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("out", metavar="OUT")
     q.add_argument("--root", default=None, metavar="DIR", help="base of relative paths (default: the CSV's directory)")
     q.add_argument("--classes", default=None, metavar="FILE", help="class names, one per line (fixes the class order)")
+    q.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="also write OUT/val from a seeded stratified fraction F of each class's rows")
     _add_write_options(q)
     q.set_defaults(func=cmd_csv)
 
@@ -178,6 +198,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("location", metavar="LOCATION", help="shard directory, manifest.json path or URL")
     q.add_argument("--urls", default=None, help="brace pattern overriding the manifest's shard locations")
     q.add_argument("--no-decode", action="store_true", help="only count samples and check labels (faster)")
+    _add_decoder_option(q, "to decode every image with")
     q.set_defaults(func=cmd_verify)
     return p
 

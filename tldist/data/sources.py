@@ -12,6 +12,7 @@ import csv
 import difflib
 import inspect
 import io
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tldist.data.manifest import IMAGE_EXTS
 from tldist.errors import ConfigError, DataError
+
+log = logging.getLogger("tldist.data")
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 _HEADER_PATH = {"path", "file", "filename", "filepath", "file_path", "image", "img", "image_path", "name"}
@@ -73,18 +76,26 @@ def safe_key(index: int, name: str = "", width: int = 7) -> str:
 
 
 def encode_image(img, fmt: str = "png", quality: int = 90) -> bytes:
-    """Encode a PIL image as ``png`` or ``jpg`` bytes (JPEG gets RGB/L and the given ``quality``)."""
+    """Encode a PIL image as ``png``, ``jpg`` or ``webp`` bytes (``quality`` for the lossy two).
+
+    Modes the format cannot hold, or that the decoders would read differently, are first
+    brought to 8-bit L/RGB by :func:`tldist.data.transforms.to_8bit` (16-bit -> high byte,
+    alpha dropped), the rule training's decoding applies, never by PIL's clipping ``convert``.
+    PNG keeps RGB, RGBA, L, LA, 1, P and 16-bit gray as they are; both decoders read those alike.
+    """
+    from tldist.data.transforms import to_8bit
+
     fmt = normalize_ext(fmt)
     buf = io.BytesIO()
     if fmt == "jpg":
-        if img.mode not in ("RGB", "L"):
-            img = img.convert("RGB")
-        img.save(buf, format="JPEG", quality=quality)
+        to_8bit(img).save(buf, format="JPEG", quality=quality)
     elif fmt == "png":
-        if img.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "1"):
-            img = img.convert("RGBA" if "transparency" in img.info or "A" in img.mode else "RGB")
+        if img.mode not in ("RGB", "RGBA", "L", "LA", "I;16", "1", "P"):
+            img = to_8bit(img)
         img.save(buf, format="PNG")
     elif fmt == "webp":
+        if img.mode not in ("RGB", "RGBA"):
+            img = to_8bit(img)
         img.save(buf, format="WEBP", quality=quality)
     else:
         raise ConfigError(f"cannot encode images as '{fmt}'; use 'png' or 'jpg'")
@@ -146,11 +157,15 @@ def _file_samples(items: list[tuple[Path, int, str]], order: list[int]) -> Itera
         yield Sample(safe_key(i, rel), data, normalize_ext(path.suffix), label, str(path), error)
 
 
-def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None) -> tuple[list[str], list[tuple[Path, int, str]]]:
+def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None, *,
+                     keep_empty_classes: bool = False) -> tuple[list[str], list[tuple[Path, int, str]]]:
     """List ``root/<class>/**/<image>`` like torchvision's ImageFolder: sorted classes and files.
 
     Returns ``(classes, [(path, label, relative path)])``. ``classes`` forces the class list
-    (e.g. a val tree must use the train tree's classes).
+    (e.g. a val tree must use the train tree's classes); forced classes without images here
+    are logged as a warning. A class folder found here that holds no images (only
+    ``.DS_Store``, say) raises :class:`DataError` naming it, unless ``keep_empty_classes``,
+    which keeps it as a class with a warning.
     """
     root = Path(root)
     if not root.is_dir():
@@ -158,6 +173,7 @@ def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None) -> t
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not found:
         raise DataError(f"image folder '{root}' has no class subdirectories; expected '{root}/<class>/<image>'")
+    forced = classes is not None
     if classes is None:
         classes = found
     unknown = [c for c in found if c not in classes]
@@ -174,18 +190,26 @@ def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None) -> t
         items += [(p, label, p.relative_to(root).with_suffix("").as_posix()) for p in files]
     if not items:
         raise DataError(f"image folder '{root}' holds no images with extensions {', '.join(IMAGE_EXTS)}")
+    empty = sorted(set(classes) - {classes[it[1]] for it in items})
+    if empty and not forced and not keep_empty_classes:
+        raise DataError(f"image folder '{root}' has {len(empty)} class folder(s) with no images: {empty[:10]}; "
+                        "remove them, or keep them as classes with --keep-empty-classes")
+    if empty:
+        log.warning("image folder '%s' has no images for %d of %d classes: %s", root, len(empty), len(classes),
+                    empty[:20])
     return classes, items
 
 
 def samples_from_imagefolder(root: str | Path, *, split: str = "train", val_fraction: float = 0.0,
-                             seed: int = 0, classes: Optional[list[str]] = None,
-                             shuffle: bool = True) -> tuple[list[str], SampleSource]:
+                             seed: int = 0, classes: Optional[list[str]] = None, shuffle: bool = True,
+                             keep_empty_classes: bool = False) -> tuple[list[str], SampleSource]:
     """Samples of a class-subdirectory tree (classes sorted, extensions from IMAGE_EXTS, any case).
 
     With ``val_fraction > 0`` the tree is split per class with a seeded stratified split and
     ``split`` ('train' or 'val') picks the part; calling twice gives disjoint, complementary sets.
+    Empty class folders are refused unless ``keep_empty_classes`` (see :func:`scan_imagefolder`).
     """
-    classes, items = scan_imagefolder(root, classes)
+    classes, items = scan_imagefolder(root, classes, keep_empty_classes=keep_empty_classes)
     order = _ordered(_select([it[1] for it in items], split, val_fraction, seed, f"'{root}'"), shuffle, seed, split)
     info = {"type": "imagefolder", "root": str(Path(root).resolve()), "split": split,
             "val_fraction": val_fraction, "seed": seed, "shuffle": shuffle}
@@ -205,13 +229,17 @@ def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
 
 
 def samples_from_csv(path: str | Path, root: Optional[str | Path] = None, *, classes: Optional[list[str]] = None,
-                     seed: int = 0, shuffle: bool = True) -> tuple[list[str], SampleSource]:
+                     split: str = "train", val_fraction: float = 0.0, seed: int = 0,
+                     shuffle: bool = True) -> tuple[list[str], SampleSource]:
     """Samples listed in a CSV/TSV file of ``path,label`` rows (delimiter sniffed, header optional).
 
     Labels are class names or integer indices (not mixed). Without ``classes``, names give
-    sorted unique classes and integers give ``'0'..'max'``. Relative paths resolve against
-    ``root`` or the CSV's directory. Bad rows and missing files raise :class:`DataError`
-    naming the file, line and value.
+    sorted unique classes and integers give ``'0'..'max'``; classes no row uses (a gap in the
+    integers, an unused name in ``classes``) are logged as a warning. Relative paths resolve
+    against ``root`` or the CSV's directory. With ``val_fraction > 0`` the rows are split per
+    class with a seeded stratified split and ``split`` ('train' or 'val') picks the part, as
+    for image folders. Bad rows and missing files raise :class:`DataError` naming the file,
+    line and value.
     """
     path = Path(path)
     if not path.is_file():
@@ -256,8 +284,14 @@ def samples_from_csv(path: str | Path, root: Optional[str | Path] = None, *, cla
             hint = " (if line 1 is a header, name its columns 'path,label')" if line == rows[0][0] else ""
             raise DataError(f"{path}:{line}: image '{rel}' not found at '{file}'{hint}")
         items.append((file, label, Path(rel).with_suffix("").as_posix()))
-    order = _ordered(list(range(len(items))), shuffle, seed, "csv")
-    info = {"type": "csv", "path": str(path.resolve()), "root": str(base.resolve()), "seed": seed, "shuffle": shuffle}
+    unused = sorted(set(range(len(classes))) - {it[1] for it in items})
+    if unused:
+        log.warning("CSV '%s' has no rows for %d of %d classes: %s%s", path, len(unused), len(classes),
+                    [classes[i] for i in unused[:20]], "" if given else " (integer labels with gaps)")
+    chosen = _select([it[1] for it in items], split, val_fraction, seed, f"'{path}'")
+    order = _ordered(chosen, shuffle, seed, f"csv/{split}" if val_fraction else "csv")
+    info = {"type": "csv", "path": str(path.resolve()), "root": str(base.resolve()), "split": split,
+            "val_fraction": val_fraction, "seed": seed, "shuffle": shuffle}
     return classes, SampleSource(len(order), lambda: _file_samples(items, order), info)
 
 

@@ -73,6 +73,10 @@ class Record:
     def __repr__(self) -> str:
         return f"Record({self.key!r}, {self.url!r}, {'ok' if self.ok else self.error})"
 
+    def describe(self) -> str:
+        """``sample 'key'`` for log lines; ``an unread sample`` for a failed read (its key is unknown)."""
+        return f"sample '{self.key}'" if self.key is not None else "an unread sample"
+
 
 class Throttle:
     """Rate-limited warnings: the first ``first`` messages, then at most one per ``every`` seconds."""
@@ -172,12 +176,19 @@ def read_shard(url: str, skip: int, take: int) -> Iterator[Record]:
         if fields is not None:
             yield Record(key, url, fields)
             produced += 1
-        if produced < take:
-            error = f"ends after {skip + produced} samples but the manifest lists more"
+        if produced < take:  # a pipe/curl whose command failed looks like an empty stream: ask it
+            failed, stream = _close(stream), None
+            error = (f"cannot be read ({failed})" if failed else
+                     f"is shorter than its manifest entry: it ends after {skip + produced} samples, the "
+                     f"manifest counts at least {skip + take}")
     except GeneratorExit:
         raise
     except Exception as e:  # unreachable, truncated mid-member, bad tar header...
-        error = f"{type(e).__name__}: {e}"
+        failed = _close(stream) if stream is not None else None
+        stream = None
+        detail = failed or f"{type(e).__name__}: {e}"
+        error = (f"cannot be read ({detail})" if produced == 0 and not fields else
+                 f"broke off after {skip + produced} samples ({detail})")
         if fields:  # members read before the error form a (possibly incomplete) sample
             yield Record(key, url, fields)
             produced += 1
@@ -189,10 +200,39 @@ def read_shard(url: str, skip: int, take: int) -> Iterator[Record]:
                 pass
     missing = take - produced
     if missing > 0:
-        _throttle.warn(f"shard {url}: {error}; {missing} of its samples are counted as failed "
+        _throttle.warn(f"shard {url} {error}; {missing} of its samples are counted as failed "
                        f"(check it with 'tldist shards verify')")
         for _ in range(missing):
-            yield Record(None, url, None, error)
+            yield Record(None, url, None, f"the shard {error}")
+
+
+_CURL_EXIT = {6: "could not resolve the host", 7: "could not connect to the host", 22: "the server answered with an "
+              "HTTP error such as 404 or 403", 28: "timed out", 35: "TLS handshake failed", 52: "empty reply",
+              56: "the connection broke off"}
+
+
+def _pipe_failure(stream) -> Optional[str]:
+    """``curl exited with status 7: could not connect to the host`` when ``stream`` is a WebDataset
+    pipe (``http(s)://`` via curl, ``pipe:``) whose command failed; None otherwise."""
+    status = getattr(stream, "status", None)
+    if not status:
+        return None
+    try:
+        cmd = stream.args[0][0]
+        name = f"'{cmd[:80]}'" if isinstance(cmd, str) else str(cmd[0]).rsplit("/", 1)[-1]  # pipe: / curl
+    except (AttributeError, IndexError, TypeError):
+        name = "the command"
+    hint = _CURL_EXIT.get(status) if name == "curl" else None
+    return f"{name} exited with status {status}" + (f": {hint}" if hint else "")
+
+
+def _close(stream) -> Optional[str]:
+    """Close a shard stream; the reason it failed (a pipe's command exiting non-zero), else None."""
+    try:
+        stream.close()
+    except Exception as e:  # webdataset's Pipe raises when its command failed
+        return _pipe_failure(stream) or f"{type(e).__name__}: {e}"
+    return _pipe_failure(stream)
 
 
 def read_segments(source: SourceSpec, segments) -> Iterator[Record]:
@@ -225,7 +265,7 @@ class SlotStream:
             raise ConfigError(f"shard set '{source.name}' has no samples: check its manifest")
         lo, hi = slot_range(total, slot, num_slots)
         self.length = hi - lo  # samples per stream-epoch for this slot (same every epoch)
-        if not resampled and self.length == 0:
+        if not resampled and total < num_slots:  # judged for all slots alike: every rank raises it
             raise ConfigError(
                 f"shard set '{source.name}' has {total} samples but there are {num_slots} loader slots "
                 f"(processes x data.num_workers): lower data.num_workers or use more data")

@@ -14,18 +14,21 @@ from __future__ import annotations
 import io
 import math
 import random
+import struct
 import warnings
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tldist.errors import ConfigError
 
 DECODERS = ("pil", "torchvision")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-EVAL_CROP_RATIO = 0.875  # resize to size / 0.875 then center-crop, torchvision's reference recipe
+EVAL_CROP_PCT = 0.875
+"""Default eval center-crop fraction (resize 256, crop 224: torchvision's reference recipe); a model's
+own value comes from its weights (``ModelInfo.crop_pct``)."""
 
 DecodedImage = Union[Image.Image, torch.Tensor]
 
@@ -50,22 +53,114 @@ def _tv_mode(name: str):
 # ---------------------------------------------------------------------------------------
 # Decoding: bytes -> RGB image (PIL image or uint8 [3, H, W] tensor)
 # ---------------------------------------------------------------------------------------
+# One rule for both decoders, so a shard set trains on the same pixels whichever is chosen:
+#  * the EXIF Orientation tag (JPEG APP1, PNG eXIf, WebP EXIF, TIFF tag) is applied; orientation
+#    found only in XMP or PNG text chunks is ignored (torchvision does not read it);
+#  * 16-bit samples keep their high byte (v >> 8, torchvision's to_dtype(uint8, scale=True));
+#    mode I (32-bit int) is clipped to 0..65535 first; mode F is taken as 0..1 and scaled by 255;
+#  * grayscale and 1-bit are replicated to RGB, palettes are expanded, CMYK/YCbCr are converted
+#    by the codec; alpha is DROPPED, not composited (the colour stored under it is kept), as
+#    torchvision's ImageReadMode.RGB does.
+# torchvision decodes JPEG, PNG and WebP without EXIF or animation; every other format (BMP,
+# TIFF, PPM, GIF...) and those WebPs go through PIL with the same rule.
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_ORIENTATION = 0x0112
+
+
+def _torchvision_reads(data: bytes) -> bool:
+    """Whether torchvision.io decodes ``data`` by the rule above (from the first bytes only)."""
+    if data[:3] == b"\xff\xd8\xff" or data[:8] == _PNG_MAGIC:
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        # extended WebP header: flags byte 20, 0x08 = EXIF (torchvision ignores its orientation),
+        # 0x02 = animation (torchvision cannot decode it)
+        return not (data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x0A)
+    return False
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1..8; 1 when absent), ignoring XMP as torchvision does."""
+    tags = getattr(img, "tag_v2", None)  # TIFF: a tag of the image itself
+    if tags is not None:
+        return int(tags.get(_ORIENTATION, 1) or 1)
+    raw = img.info.get("exif")
+    return _orientation_in_exif(raw) if raw else 1
+
+
+def _orientation_in_exif(raw: bytes) -> int:
+    """Orientation from raw EXIF bytes (``Exif\\0\\0`` + TIFF header + IFD0); 1 if absent or malformed.
+
+    Reads the one tag by hand: PIL's ``Image.Exif().load`` parses all of IFD0, ~60 us per camera
+    JPEG, which is ~7% of decoding it.
+    """
+    if raw[:6] == b"Exif\x00\x00":
+        raw = raw[6:]
+    end = {b"II": "<", b"MM": ">"}.get(bytes(raw[:2]))
+    if end is None:
+        return 1
+    try:
+        (ifd,) = struct.unpack_from(end + "I", raw, 4)
+        (count,) = struct.unpack_from(end + "H", raw, ifd)
+        for i in range(min(count, 512)):
+            tag, kind = struct.unpack_from(end + "HH", raw, ifd + 2 + 12 * i)
+            if tag == _ORIENTATION:
+                (value,) = struct.unpack_from(end + ("H" if kind == 3 else "I"), raw, ifd + 2 + 12 * i + 8)
+                return value if 1 <= value <= 8 else 1
+    except struct.error:
+        return 1
+    return 1
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A PIL image of any mode as 8-bit ``L`` or ``RGB`` by the module's rule (alpha dropped,
+    16-bit -> high byte, I clipped to 16 bits, F as 0..1). ``L``/``RGB`` come back unchanged."""
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return img
+    if mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+    if mode == "I":
+        return Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
+    if mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+        return Image.fromarray(np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8))
+    if mode in ("1", "LA", "La"):
+        return img.convert("L")
+    if mode in ("P", "PA"):  # through RGBA: PIL warns when a palette with transparency goes straight to RGB
+        return img.convert("RGBA").convert("RGB")
+    return img.convert("RGB")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode bytes with PIL, apply the EXIF orientation and convert to 8-bit ``L`` or ``RGB``.
+
+    The PIL half of :func:`decode_image`, also used by the shard writer to re-encode exactly
+    the pixels training sees. Raises PIL's errors (``OSError``, ``ValueError``...) on bad bytes.
+    """
+    img = Image.open(io.BytesIO(data))
+    img.load()  # decode now so truncated files fail here, not later in the transform
+    orientation = _exif_orientation(img)
+    if orientation != 1:
+        img = ImageOps.exif_transpose(img)
+    return to_8bit(img)
+
 
 def decode_image(data: bytes, decoder: str = "pil") -> DecodedImage:
     """Decode image bytes to RGB: a PIL image (``pil``) or a uint8 [3,H,W] tensor (``torchvision``).
 
-    Grayscale, RGBA and palette images are converted to RGB. Raises (``OSError``,
-    ``RuntimeError``, ``ValueError``...) on undecodable bytes; callers count and skip them.
+    Both decoders follow the rule above (EXIF orientation applied, 16-bit -> high byte, alpha
+    dropped), so they give the same pixels up to JPEG decoder rounding; formats torchvision
+    cannot read (BMP, TIFF, PPM, GIF...) are decoded by PIL and returned as a tensor. Raises
+    (``OSError``, ``RuntimeError``, ``ValueError``...) on undecodable bytes; callers count and
+    skip them.
     """
     if decoder == "pil":
-        img = Image.open(io.BytesIO(data))
-        img.load()  # decode now so truncated files fail here, not later in the transform
-        if img.mode == "P":  # palette (maybe with transparency): go through RGBA to avoid PIL warnings
-            img = img.convert("RGBA")
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return img
+        img = open_image(data)
+        return img if img.mode == "RGB" else img.convert("RGB")
     if decoder == "torchvision":
+        if not _torchvision_reads(data):
+            return pil_to_tensor(decode_image(data, "pil"))
         from torchvision.io import ImageReadMode
         from torchvision.io import decode_image as tv_decode
 
@@ -75,7 +170,12 @@ def decode_image(data: bytes, decoder: str = "pil") -> DecodedImage:
                                 category=DeprecationWarning)
 
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return tv_decode(buf, mode=ImageReadMode.RGB)
+        img = tv_decode(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        if img.dtype != torch.uint8:  # 16-bit PNG: keep the high byte, as PIL does for 16-bit RGB
+            from torchvision.transforms.v2.functional import to_dtype
+
+            img = to_dtype(img, torch.uint8, scale=True)
+        return img
     raise ConfigError(f"data.decode '{decoder}' is not supported: choose one of {', '.join(DECODERS)}")
 
 
@@ -174,17 +274,55 @@ class TrainTransform:
 
 
 # ---------------------------------------------------------------------------------------
-# Evaluation: resize shorter side to size / 0.875, center crop
+# Evaluation: resize shorter side to size / crop_pct, center crop
 # ---------------------------------------------------------------------------------------
 
-class EvalTransform:
-    """Resize the shorter side to ``image_size / 0.875``, center-crop ``image_size`` -> uint8 [3,S,S]."""
+def eval_resize_size(image_size: int, crop_pct: float = EVAL_CROP_PCT) -> int:
+    """Shorter-side size (px) before the eval center crop: ``floor(image_size / crop_pct)`` (timm's rule).
 
-    def __init__(self, image_size: int, interpolation: str = "bilinear", crop_ratio: float = EVAL_CROP_RATIO):
+    The one definition of eval resizing: training eval, ``tldist eval``, ``predict``, adapt,
+    compress and ``model.json`` all go through it. A 1e-6 px tolerance keeps float error from
+    losing a pixel (torchvision resnet50 V2 weights: 224 / (224/232) -> 232). Raises
+    :class:`ConfigError` unless ``0 < crop_pct <= 1``.
+    """
+    if not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
+        raise ConfigError(f"eval crop_pct {crop_pct!r} must be in (0, 1]: the fraction of the resized image "
+                          "kept by the center crop (0.875 = resize 256, crop 224)")
+    return int(math.floor(image_size / crop_pct + 1e-6))
+
+
+def eval_preprocess(info: Any, image_size: int = 0) -> dict[str, Any]:
+    """A model's eval preprocessing as recorded in ``model.json`` (``"preprocess"``).
+
+    ``info`` is a :class:`tldist.models.factory.ModelInfo` (its ``input_size``, ``crop_pct``,
+    ``interpolation``, ``mean``, ``std`` come from the weights' metadata: torchvision's
+    ``weights.transforms()``, timm's ``pretrained_cfg``); ``image_size`` (0: the model's own)
+    overrides the crop size. Returns ``{"image_size", "resize", "crop_pct", "interpolation",
+    "mean", "std"}`` with ``resize = eval_resize_size(image_size, crop_pct)``.
+    """
+    size = int(image_size or info.input_size)
+    return {"image_size": size, "resize": eval_resize_size(size, info.crop_pct), "crop_pct": float(info.crop_pct),
+            "interpolation": info.interpolation, "mean": list(info.mean), "std": list(info.std)}
+
+
+def preprocess_crop_pct(pre: dict[str, Any]) -> float:
+    """``crop_pct`` of a ``model.json`` ``"preprocess"``: ``image_size / resize`` when it records the
+    resize (so :func:`eval_resize_size` gives that resize back exactly), else its ``crop_pct``, else 0.875."""
+    if pre.get("resize"):
+        return int(pre["image_size"]) / int(pre["resize"])
+    return float(pre.get("crop_pct") or EVAL_CROP_PCT)
+
+
+class EvalTransform:
+    """Resize the shorter side to :func:`eval_resize_size` ``(image_size, crop_pct)``, center-crop
+    ``image_size`` -> uint8 [3,S,S]."""
+
+    def __init__(self, image_size: int, interpolation: str = "bilinear", crop_pct: float = EVAL_CROP_PCT):
         if image_size <= 0:
             raise ConfigError(f"image_size {image_size} must be > 0 (set data.image_size or use the model's default)")
         self.image_size = int(image_size)
-        self.resize_size = int(math.floor(image_size / crop_ratio))
+        self.crop_pct = float(crop_pct)
+        self.resize_size = eval_resize_size(self.image_size, crop_pct)
         self.interpolation = _check_interpolation(interpolation)
 
     def __call__(self, img: DecodedImage, rng: Optional[random.Random] = None,
@@ -213,9 +351,12 @@ def build_train_transform(image_size: int, crop_scale: Sequence[float] = (0.08, 
     return TrainTransform(image_size, crop_scale, hflip, interpolation)
 
 
-def build_eval_transform(image_size: int, interpolation: str = "bilinear") -> EvalTransform:
-    """Eval preprocessing: ``t(decoded_image) -> uint8 [3, image_size, image_size]``."""
-    return EvalTransform(image_size, interpolation)
+def build_eval_transform(image_size: int, interpolation: str = "bilinear",
+                         crop_pct: float = EVAL_CROP_PCT) -> EvalTransform:
+    """Eval preprocessing: ``t(decoded_image) -> uint8 [3, image_size, image_size]``: resize the shorter
+    side to :func:`eval_resize_size` with ``interpolation``, center-crop ``image_size``. Pass the model's
+    ``ModelInfo.crop_pct`` (or :func:`preprocess_crop_pct` of a ``model.json``)."""
+    return EvalTransform(image_size, interpolation, crop_pct)
 
 
 # ---------------------------------------------------------------------------------------

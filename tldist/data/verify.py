@@ -7,16 +7,16 @@ the WebDataset rule (key = path up to the first dot of the file name).
 
 from __future__ import annotations
 
-import io
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import webdataset as wds
 
 from tldist.data.manifest import IMAGE_EXTS, load_manifest, resolve_shard_urls
-from tldist.errors import DataError
+from tldist.data.transforms import DECODERS, decode_image
+from tldist.errors import ConfigError, DataError
 
 _IMAGE_EXTS = set(IMAGE_EXTS)
 
@@ -85,20 +85,22 @@ def _samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, parts
 
 
-def _check_sample(parts: dict[str, bytes], num_classes: int) -> tuple[Optional[int], list[str]]:
-    from PIL import Image
-
+def _check_sample(parts: dict[str, bytes], num_classes: int,
+                  decoders: Sequence[str]) -> tuple[Optional[int], list[str]]:
     errors: list[str] = []
     label = None
     images = [e for e in parts if e in _IMAGE_EXTS]
     if len(images) != 1:
         errors.append(f"expected one image member, found {images or 'none'} among {sorted(parts)}")
     for ext in images:
-        try:
-            with Image.open(io.BytesIO(parts[ext])) as im:
-                im.load()
-        except Exception as e:  # PIL's errors vary by format
-            errors.append(f".{ext} does not decode ({type(e).__name__}: {e})")
+        failed = []
+        for decoder in decoders:  # the training loader's own decoding, per data.decode value
+            try:
+                decode_image(parts[ext], decoder)
+            except Exception as e:  # PIL's and torchvision's errors vary by format
+                failed.append(f"data.decode={decoder}: {type(e).__name__}: {str(e).strip()[:200]}")
+        if failed:
+            errors.append(f".{ext} does not decode ({'; '.join(failed)})")
     raw = parts.get("cls")
     if raw is None:
         errors.append("no .cls member")
@@ -115,14 +117,19 @@ def _check_sample(parts: dict[str, bytes], num_classes: int) -> tuple[Optional[i
 
 
 def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: bool = True,
-                  max_problems: int = 1000) -> VerifyReport:
+                  decoders: Sequence[str] = DECODERS, max_problems: int = 1000) -> VerifyReport:
     """Read every shard of the set at ``location`` (a manifest location) and check it.
 
     Checks per-shard sample counts against the manifest, that each sample has exactly one
-    image member that PIL decodes (skipped with ``decode=False``) and a ``.cls`` in range,
-    and that keys are unique. ``urls`` is an optional brace pattern replacing the manifest's
-    shard locations. Raises :class:`DataError` only when the manifest itself is unusable.
+    image member and a ``.cls`` in range, and that keys are unique. Each image is decoded
+    with :func:`~tldist.data.transforms.decode_image` for every one of ``decoders`` (the
+    ``data.decode`` values; default both), exactly as training does; ``decode=False`` skips
+    that. ``urls`` is an optional brace pattern replacing the manifest's shard locations.
+    Raises :class:`DataError` only when the manifest itself is unusable, :class:`ConfigError`
+    for an unknown decoder.
     """
+    if isinstance(decoders, str) or not decoders or any(d not in DECODERS for d in decoders):
+        raise ConfigError(f"decoders {decoders!r}: give a non-empty list of {', '.join(DECODERS)}")
     manifest = load_manifest(location)
     report = VerifyReport(location=str(location), num_classes=manifest.num_classes)
 
@@ -152,7 +159,7 @@ def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: b
                         add(name, key, f"duplicate key (also in {seen[key]})")
                     seen[key] = name
                     if decode:
-                        label, errors = _check_sample(parts, manifest.num_classes)
+                        label, errors = _check_sample(parts, manifest.num_classes, decoders)
                     else:
                         label, errors = None, []
                         raw = parts.get("cls", b"")

@@ -40,7 +40,7 @@ def decode_record(rec: Record, decoder: str, transform, rng: Optional[random.Ran
     """Raw record -> (uint8 [3,H,W] image, label), the image written into ``out`` when given.
     Raises :class:`SampleError` with the reason."""
     if not rec.ok:
-        raise SampleError(f"unreadable ({rec.error})")
+        raise SampleError(rec.error or "unreadable")  # "the shard cannot be read (...)"
     raw_label = rec.fields.get("cls")
     if raw_label is None:
         raise SampleError("no .cls label member")
@@ -174,7 +174,7 @@ class TrainDataset(IterableDataset):
                                          self.label_maps[s], out=images[filled])
             except SampleError as e:
                 skipped += 1
-                throttle.warn(f"skipping sample '{rec.key}' of shard {rec.url}: {e}")
+                throttle.warn(f"skipping {rec.describe()} of shard {rec.url}: {e}")
                 if (since_batch >= STALL_RECORDS and read >= MIN_READ_FOR_FAULT_CHECK
                         and skipped > self.max_skip_fraction * read):
                     raise skip_error(read, skipped, self.max_skip_fraction, f"by loader worker {w} of rank {self.rank}")
@@ -240,6 +240,6 @@ class EvalDataset(IterableDataset):
                 except SampleError as e:
                     images[i].zero_()  # failed rows stay zero images
                     skipped += 1
-                    throttle.warn(f"eval: sample '{rec.key}' of shard {rec.url} counted as failed: {e}")
+                    throttle.warn(f"eval: {rec.describe()} of shard {rec.url} counted as failed: {e}")
             yield {"image": images, "label": labels, "mask": mask, "key": keys,
                    "_worker": j, "_read": read, "_skipped": skipped}

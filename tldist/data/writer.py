@@ -16,7 +16,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import webdataset as wds
 
@@ -25,6 +25,7 @@ from tldist.data.manifest import IMAGE_EXTS, MANIFEST_NAME, Manifest, ShardInfo,
 from tldist.data.sources import (Sample, SampleSource, encode_image, normalize_ext, safe_key,  # noqa: F401
                                  samples_from_csv, samples_from_imagefolder, samples_from_torchvision,
                                  scan_imagefolder, stratified_split)
+from tldist.data.transforms import DECODERS, decode_image, open_image
 from tldist.errors import ConfigError, DataError
 
 log = logging.getLogger("tldist.data")
@@ -40,34 +41,40 @@ class _Skip(Exception):
     """A sample whose image cannot be used; the writer skips and counts it."""
 
 
-def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, check: str) -> tuple[bytes, str]:
-    """Check (and optionally re-encode/resize) one sample's image; return ``(bytes, ext)``."""
-    from PIL import Image, ImageOps
+def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, check: str,
+             decoders: Sequence[str]) -> tuple[bytes, str]:
+    """Check (and optionally re-encode/resize) one sample's image; return ``(bytes, ext)``.
+
+    ``check='decode'`` runs :func:`~tldist.data.transforms.decode_image` with each of
+    ``decoders``, exactly as the training loader will. A re-encode stores the pixels that
+    decoding gives (EXIF orientation applied, 8-bit), without the orientation tag.
+    """
+    from PIL import Image
 
     if s.error:
         raise _Skip(s.error)
     if not s.data:
         raise _Skip("empty image data")
-    need_decode = bool(reencode) or max_side > 0 or check != "none"
-    if not need_decode:
+    if check == "decode":
+        for decoder in decoders:
+            try:
+                decode_image(s.data, decoder)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...; torchvision RuntimeError
+                raise _Skip(f"cannot decode with {decoder}: {type(e).__name__}: {e}") from None
+    if not reencode and not max_side and check != "verify":
         return s.data, s.ext
     try:
-        with Image.open(io.BytesIO(s.data)) as im:
-            if check == "verify" and not reencode and not max_side:
-                im.verify()
-                return s.data, s.ext
-            too_big = max_side > 0 and max(im.size) > max_side
-            if not reencode and not too_big:
-                if im.format == "JPEG":  # reads the whole entropy stream at 1/8 scale: cheap, catches truncation
-                    im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
-                im.load()
-                return s.data, s.ext
-            im.load()
-            img = ImageOps.exif_transpose(im)
-            if too_big:
-                img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-            fmt = reencode or (s.ext if s.ext in ("jpg", "png", "webp") else "png")
-            return encode_image(img, fmt, quality), normalize_ext(fmt)
+        if not reencode:
+            with Image.open(io.BytesIO(s.data)) as im:
+                if check == "verify":
+                    im.verify()  # structure only; size comes from the header read by open
+                if not max_side or max(im.size) <= max_side:
+                    return s.data, s.ext
+        img = open_image(s.data)
+        if max_side > 0 and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        fmt = reencode or (s.ext if s.ext in ("jpg", "png", "webp") else "png")
+        return encode_image(img, fmt, quality), normalize_ext(fmt)
     except (ConfigError, DataError):
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
@@ -75,7 +82,8 @@ def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, ch
 
 
 def _check_options(split: str, classes: list[str], max_count: Optional[int], max_size: Optional[float],
-                   min_shards: int, reencode: Optional[str], quality: int, max_side: int, check: str) -> None:
+                   min_shards: int, reencode: Optional[str], quality: int, max_side: int, check: str,
+                   decoders: Sequence[str]) -> None:
     if not split or not _SPLIT_OK.match(split):
         raise ConfigError(f"split name '{split}' must be non-empty letters, digits, '_' or '-' (it names the shard files)")
     if not classes:
@@ -94,26 +102,33 @@ def _check_options(split: str, classes: list[str], max_count: Optional[int], max
         raise ConfigError(f"max_side must be >= 0 (0 keeps the size), got {max_side}")
     if check not in CHECKS:
         raise ConfigError(f"check must be one of {CHECKS}, got '{check}'")
+    bad = [d for d in decoders if d not in DECODERS] if not isinstance(decoders, str) else [decoders]
+    if bad or not decoders:
+        raise ConfigError(f"decoders {bad or list(decoders)!r}: give a non-empty list of {', '.join(DECODERS)}")
 
 
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, classes: list[str], *,
                  max_count: Optional[int] = 10000, max_size: Optional[float] = 500e6, min_shards: int = 1,
                  reencode: Optional[str] = None, quality: int = 90, max_side: int = 0, check: str = "decode",
-                 meta: Optional[dict[str, Any]] = None) -> Manifest:
+                 decoders: Sequence[str] = DECODERS, meta: Optional[dict[str, Any]] = None) -> Manifest:
     """Write ``samples`` as ``<out_dir>/<split>-%06d.tar`` shards and ``<out_dir>/manifest.json``.
 
     A shard is closed once it holds ``max_count`` samples or at least ``max_size`` payload
     bytes (it may exceed that by one sample); when ``samples`` has a length, ``max_count``
     is lowered so there are at least ``min_shards`` shards. Images are stored as given unless
-    ``reencode`` ('jpg'/'png') or ``max_side`` (longest side, px) asks for a re-encode.
-    ``check`` ('decode', 'verify' or 'none') says how each image is tested; unreadable
-    ones are skipped with a warning and counted in ``meta['skipped']``; no usable sample
-    at all raises :class:`DataError`. One directory holds one split; stale shards of an
+    ``reencode`` ('jpg'/'png') or ``max_side`` (longest side, px) asks for a re-encode, which
+    stores the decoded pixels (EXIF orientation applied, 8-bit) and no orientation tag, so
+    kept and re-encoded images decode alike. ``check`` says how each image is tested:
+    'decode' runs the training loader's :func:`~tldist.data.transforms.decode_image` with
+    each of ``decoders`` (data.decode values; default both), 'verify' only PIL's structural
+    check, 'none' nothing; unreadable ones are skipped with a warning and counted in
+    ``meta['skipped']``; no usable sample at all raises :class:`DataError`. One directory holds one split; stale shards of an
     earlier write of that split are removed.
     """
     out_dir = Path(out_dir)
     reencode = normalize_ext(reencode) if reencode else None
-    _check_options(split, classes, max_count, max_size, min_shards, reencode, quality, max_side, check)
+    _check_options(split, classes, max_count, max_size, min_shards, reencode, quality, max_side, check, decoders)
+    decoders = list(decoders)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"output '{out_dir}' exists and is not a directory")
     old = out_dir / MANIFEST_NAME
@@ -155,7 +170,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
                     raise DataError(f"sample '{s.key}' ({s.origin}) has extension '{s.ext}'; use one of {sorted(_EXTS)}")
                 try:
                     data, ext = _prepare(Sample(s.key, s.data, ext, s.label, s.origin, s.error),
-                                         reencode, quality, max_side, check)
+                                         reencode, quality, max_side, check, decoders)
                 except _Skip as e:
                     skipped.append(f"{s.origin or s.key}: {e}")
                     if len(skipped) <= 20:
@@ -188,7 +203,8 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
         "tldist_version": tldist.__version__,
         "source": dict(getattr(samples, "info", None) or {"type": "custom"}),
         "writer": {"max_count": max_count, "max_size": max_size, "min_shards": min_shards, "reencode": reencode,
-                   "quality": quality, "max_side": max_side, "check": check},
+                   "quality": quality, "max_side": max_side, "check": check,
+                   "decoders": decoders if check == "decode" else []},
         "skipped": len(skipped),
         "skipped_examples": skipped[:10],
     }
@@ -210,12 +226,14 @@ def imagefolder_layout(root: str | Path) -> Optional[dict[str, Path]]:
 
 
 def write_imagefolder(root: str | Path, out_dir: str | Path, *, split: str = "train", val_fraction: float = 0.0,
-                      seed: int = 0, shuffle: bool = True, **write_kw: Any) -> dict[str, Manifest]:
+                      seed: int = 0, shuffle: bool = True, keep_empty_classes: bool = False,
+                      **write_kw: Any) -> dict[str, Manifest]:
     """Shard an image-folder tree into ``out_dir/<split>``; one call writes train and val when possible.
 
     If ``root`` has ``train/`` and ``val/`` trees both are written (val uses train's classes);
     else with ``val_fraction > 0`` a seeded stratified split writes ``train`` and ``val``;
-    else the whole tree becomes ``split``. Returns ``{split: Manifest}``.
+    else the whole tree becomes ``split``. Empty class folders raise :class:`DataError`
+    unless ``keep_empty_classes``. Returns ``{split: Manifest}``.
     """
     out_dir = Path(out_dir)
     layout = imagefolder_layout(root)
@@ -223,7 +241,8 @@ def write_imagefolder(root: str | Path, out_dir: str | Path, *, split: str = "tr
     if layout:
         if val_fraction:
             raise ConfigError(f"'{root}' already has train/ and {layout['val'].name}/ trees; drop the val fraction")
-        classes, train = samples_from_imagefolder(layout["train"], split="train", seed=seed, shuffle=shuffle)
+        classes, train = samples_from_imagefolder(layout["train"], split="train", seed=seed, shuffle=shuffle,
+                                                  keep_empty_classes=keep_empty_classes)
         result["train"] = write_shards(train, out_dir / "train", "train", classes, **write_kw)
         _, val = samples_from_imagefolder(layout["val"], split="val", seed=seed, classes=classes, shuffle=shuffle)
         result["val"] = write_shards(val, out_dir / "val", "val", classes, **write_kw)
@@ -231,6 +250,24 @@ def write_imagefolder(root: str | Path, out_dir: str | Path, *, split: str = "tr
     splits = ("train", "val") if val_fraction else (split,)
     for name in splits:
         classes, samples = samples_from_imagefolder(root, split=name, val_fraction=val_fraction, seed=seed,
-                                                    shuffle=shuffle)
+                                                    shuffle=shuffle, keep_empty_classes=keep_empty_classes)
         result[name] = write_shards(samples, out_dir / name, name, classes, **write_kw)
+    return result
+
+
+def write_csv(path: str | Path, out_dir: str | Path, *, root: Optional[str | Path] = None,
+              classes: Optional[list[str]] = None, split: str = "train", val_fraction: float = 0.0, seed: int = 0,
+              shuffle: bool = True, **write_kw: Any) -> dict[str, Manifest]:
+    """Shard the images listed in a ``path,label`` CSV into ``out_dir/<split>``.
+
+    With ``val_fraction > 0`` a seeded stratified split of the rows writes ``out_dir/train``
+    and ``out_dir/val`` (as :func:`write_imagefolder` does); else all rows become ``split``.
+    See :func:`~tldist.data.sources.samples_from_csv` for the file format. Returns ``{split: Manifest}``.
+    """
+    out_dir = Path(out_dir)
+    result: dict[str, Manifest] = {}
+    for name in (("train", "val") if val_fraction else (split,)):
+        names, samples = samples_from_csv(path, root, classes=classes, split=name, val_fraction=val_fraction,
+                                          seed=seed, shuffle=shuffle)
+        result[name] = write_shards(samples, out_dir / name, name, names, **write_kw)
     return result

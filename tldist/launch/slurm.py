@@ -28,6 +28,9 @@ from tldist.errors import ConfigError, UserError
 JOB_NAME_PREFIX = "tldist"
 """Every job submitted by tldist is named ``tldist-...``; ``tldist status``/``cancel --all`` use it."""
 CLUSTERS = ("slurm", "local", "debug")
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
+"""Extra ``srun`` flags of every job: when one task dies (crash, OOM kill, lost node), SLURM ends the
+others at once instead of leaving them blocked in a collective until the timeout."""
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
@@ -103,6 +106,13 @@ def parse_time(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------- executor
+def job_folder(root: str | Path, cluster: str) -> Path:
+    """Where submitit writes a job's logs and pickles: ``<root>/%j`` (one folder per job id), except
+    for ``--cluster local``, whose controller would also create a literal, empty ``<root>/%j``
+    folder; there the files go to ``<root>`` itself, named ``<job id>_...`` as usual."""
+    return Path(root) if cluster == "local" else Path(root) / "%j"
+
+
 def executor_parameters(res: Resources, job_name: str) -> dict[str, Any]:
     """``AutoExecutor.update_parameters`` arguments (generic keys + ``slurm_`` specific ones)."""
     params: dict[str, Any] = {"timeout_min": parse_time(res.time), "nodes": res.nodes,
@@ -114,7 +124,8 @@ def executor_parameters(res: Resources, job_name: str) -> dict[str, Any]:
     package_root = Path(__file__).resolve().parents[2]  # the job unpickles tldist.launch.job.TrainJob
     setup = [f'export PYTHONPATH={shlex.quote(str(package_root))}"${{PYTHONPATH:+:$PYTHONPATH}}"', *res.extra_setup]
     params.update(slurm_signal_delay_s=res.signal_delay_s, slurm_setup=setup,
-                  slurm_additional_parameters={"requeue": True})  # requeueable even where JobRequeue=0
+                  slurm_additional_parameters={"requeue": True},  # requeueable even where JobRequeue=0
+                  slurm_srun_args=list(SRUN_ARGS))
     for key in ("partition", "account", "qos", "constraint", "mem"):
         if getattr(res, key):
             params[f"slurm_{key}"] = getattr(res, key)
@@ -196,15 +207,14 @@ def submit_training(config: str, overrides: list[str], res: Resources, *, folder
     res.check()
     cfg = load_checked_config(config, overrides)
     root = Path(folder).expanduser().resolve() if folder else Path(cfg.output_dir) / "submitit"
-    job_folder = root / "%j"
     name = _job_name(res, cfg)
     params = executor_parameters(res, name)
     if dry_run:
         echo(f"# dry run: nothing submitted. output_dir={cfg.output_dir}, "
              f"{res.nodes * res.ntasks_per_node} task(s), max {res.max_requeues} requeues")
-        echo(sbatch_preview(params, job_folder))
+        echo(sbatch_preview(params, root / "%j"))
         return None
-    executor = make_executor(job_folder, res, name)
+    executor = make_executor(job_folder(root, res.cluster), res, name)
     with _submission_errors(res):
         job = executor.submit(TrainJob(cfg.to_dict(), max_requeues=res.max_requeues))
     echo(f"submitted job {job.job_id} ({name}: {res.nodes} node(s) x {res.ntasks_per_node} task(s), "
@@ -292,7 +302,7 @@ def submit_sweep(config: str, overrides: list[str], res: Resources, *, folder: O
             echo(f"#   [{i}] {' '.join(f'{k}={v}' for k, v in combo)} -> {cfg.output_dir}")
         echo(sbatch_preview(executor_parameters(res, name), root / "%j", array=len(runs)))
         return []
-    executor = make_executor(root / "%j", res, name)
+    executor = make_executor(job_folder(root, res.cluster), res, name)
     with _submission_errors(res), executor.batch():
         jobs = [executor.submit(TrainJob(cfg.to_dict(), max_requeues=res.max_requeues)) for _, cfg in runs]
     array_id = jobs[0].job_id.split("_")[0]

@@ -8,11 +8,12 @@ downloaded when absent; offline machines get a :class:`UserError` naming the fil
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import logging
 import os
-import pickle
+import re
 import socket
 import threading
 import urllib.error
@@ -27,6 +28,7 @@ from torch import nn
 
 from tldist.config import ModelConfig
 from tldist.errors import ConfigError, UserError
+from tldist.safeload import TRAINER_GLOBALS, load_pickle_free
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +63,21 @@ class ModelInfo:
     interpolation: str = "bilinear"
     """Resize interpolation of the weights' preprocessing: ``bilinear`` or ``bicubic``."""
     crop_pct: float = 0.875
-    """Eval center-crop fraction (resize to ``input_size / crop_pct``, then crop ``input_size``)."""
+    """Eval center-crop fraction of the weights (torchvision: ``crop_size / resize_size`` of
+    ``weights.transforms()``, e.g. 224/232 for ResNet50 V2; timm: ``pretrained_cfg["crop_pct"]``):
+    resize to ``floor(size / crop_pct)``, crop ``size`` (:func:`tldist.data.transforms.eval_preprocess`)."""
     head: list[str] = field(default_factory=list)
     """Parameter-name prefixes of the new classification head (e.g. ``["fc"]``)."""
     stages: list[str] = field(default_factory=list)
     """Module names from stem to last stage; parameters outside them belong to the preceding stage."""
     block_class_names: list[str] = field(default_factory=list)
     """Block classes present in the model, suggested as FSDP wrap units (may be empty)."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor keyword arguments (JSON values) that shape the forward pass beyond the input size and
+    class count, e.g. ``{"transform_input": true}`` for a pretrained googlenet/inception_v3 (torchvision's
+    builder sets it with the weights) or ``{"bn_eps": 0.001}`` for timm's pretrained ``fbnetc_100``.
+    Saved as ``model_kwargs`` in ``trainer.json`` and ``model.json``; a model rebuilt from that
+    checkpoint or export is constructed with them, so it computes what the saved model computed."""
 
 
 def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0,
@@ -78,23 +88,40 @@ def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0,
     ViTs, whose position embeddings are built for (and, when pretrained, resized to) it.
     ``cfg.checkpoint``, when set, is loaded instead of the pretrained weights; with
     ``require_head`` (scoring or exporting a trained model) its head must fit ``num_classes``.
+
+    The architecture's constructor arguments (:attr:`ModelInfo.model_kwargs`) come from, in order:
+    the ``model_kwargs`` a tldist checkpoint (``trainer.json``) or export (``model.json``) records; for
+    older tldist checkpoints, their ``config.yaml`` (pretrained and no checkpoint of its own: the
+    pretrained architecture); for other trainers' ``.pth`` files, their saved ``args`` (torchvision's
+    ``args.weights``, timm's ``args.pretrained``/``bn_eps``/``global_pool``/``model_kwargs``); else
+    ``cfg.pretrained``: the architecture of the pretrained weights (e.g. googlenet with
+    ``transform_input=True``), whether or not a plain state-dict checkpoint replaces them.
+
+    Raises :class:`ConfigError` for a bad name/weights/class count, :class:`UserError` for a
+    checkpoint that is missing, unreadable, unsafe (:class:`~tldist.safeload.UnsafeFileError`) or
+    does not fit, and for pretrained weights that are neither cached nor downloadable.
     """
     if num_classes < 1:
         raise ConfigError(f"config key 'model.num_classes' has bad value {num_classes!r}: must be >= 1")
+    source = _read_checkpoint(Path(cfg.checkpoint).expanduser(), cfg.name) if cfg.checkpoint else None
+    # The architecture: as the checkpoint recorded it, else as model.pretrained says (see _Checkpoint.arch).
+    arch: dict[str, Any] | bool = cfg.pretrained if source is None or source.arch is None else source.arch
+    where = f"model.checkpoint '{source.path}'" if source is not None else f"model '{cfg.name}'"
     if cfg.name.startswith("timm:"):
-        model, info = _build_timm(cfg, num_classes, image_size)
+        model, info = _build_timm(cfg, num_classes, image_size, arch, where)
     else:
-        model, info = _build_torchvision(cfg, num_classes, image_size)
+        model, info = _build_torchvision(cfg, num_classes, image_size, arch, where)
     info.block_class_names = _block_names(model)
-    if cfg.checkpoint:
-        load_checkpoint(model, info, cfg.checkpoint, require_head=require_head)
+    if source is not None:
+        _load_state(model, info, source.state, source.path, require_head=require_head)
     return model, info
 
 
 # ---------------------------------------------------------------- torchvision
 
 
-def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn.Module, ModelInfo]:
+def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int, arch: dict[str, Any] | bool,
+                       where: str) -> tuple[nn.Module, ModelInfo]:
     from torchvision import models as tvm
     from torchvision.models.vision_transformer import interpolate_embeddings
 
@@ -111,26 +138,29 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int) -> t
     size = image_size or native
     if is_vit and size % int(cfg.name.rsplit("_", 1)[-1]):
         raise ConfigError(f"config key 'data.image_size' has bad value {size}: {cfg.name} needs a multiple of its patch size")
-    aux = cfg.name in ("googlenet", "inception_v3")  # built without auxiliary heads
-    if cfg.pretrained and not cfg.checkpoint:
+    aux = cfg.name in _AUX_HEAD_MODELS  # built without auxiliary heads
+    load = cfg.pretrained and not cfg.checkpoint
+    kwargs = _tv_arch_kwargs(cfg.name, weights, pretrained=bool(arch)) if isinstance(arch, bool) else dict(arch)
+    if load:
+        # torchvision's builder would torch.load the cached file with weights_only=False: build the
+        # architecture it would build and load the file pickle-free instead.
         cache = _ensure_cached(cfg.name, weights)
-        try:
-            model = tvm.get_model(cfg.name, weights=weights)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-            raise UserError(
-                f"cached weights file '{cache}' for model '{cfg.name}' could not be loaded ({e}): "
-                "delete it and run again, or set model.checkpoint=PATH or model.pretrained=false"
-            ) from None
+        build = {**_tv_weights_kwargs(cfg.name, weights), **kwargs, "num_classes": len(weights.meta["categories"])}
+        model = _tv_get_model(cfg.name, build, where)
+        _load_hub_weights(model, cfg.name, cache)
         if is_vit and size != native:
             state = interpolate_embeddings(size, model.patch_size, model.state_dict())
-            model = tvm.get_model(cfg.name, image_size=size)
+            model = _tv_get_model(cfg.name, {**kwargs, "image_size": size}, where)
             model.load_state_dict(state)
-        if aux:
-            model.aux_logits, model.AuxLogits, model.aux1, model.aux2 = False, None, None, None
+        if aux:  # as torchvision's builder does without aux_logits=True: the aux heads are not pretrained
+            model.aux_logits = False
+            for n in ("AuxLogits", "aux1", "aux2"):
+                if hasattr(model, n):
+                    setattr(model, n, None)
     else:
-        kwargs: dict[str, Any] = {"image_size": size} if is_vit else {}
-        kwargs.update({"aux_logits": False, "init_weights": True} if aux else {})
-        model = tvm.get_model(cfg.name, **kwargs)
+        build = {"image_size": size} if is_vit else {}
+        build.update({"aux_logits": False, "init_weights": True} if aux else {})
+        model = _tv_get_model(cfg.name, {**build, **kwargs}, where)
     head = _torchvision_head(model)
     _replace_head(model, head, num_classes)
     resize = _first(getattr(t, "resize_size", None) or native)
@@ -138,9 +168,68 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int) -> t
         name=cfg.name, num_classes=num_classes, input_size=size,
         mean=tuple(getattr(t, "mean", IMAGENET_MEAN)), std=tuple(getattr(t, "std", IMAGENET_STD)),
         interpolation=getattr(getattr(t, "interpolation", None), "value", "bilinear"),
-        crop_pct=round(_first(getattr(t, "crop_size", native)) / resize, 4), head=[head],
-        stages=_find_stages(model, [head]),
+        crop_pct=_first(getattr(t, "crop_size", native)) / resize, head=[head],  # unrounded: exact resize back
+        stages=_find_stages(model, [head]), model_kwargs=kwargs,
     )
+
+
+_AUX_HEAD_MODELS = ("googlenet", "inception_v3")
+
+
+def _tv_weights_kwargs(name: str, weights: Any) -> dict[str, Any]:
+    """Constructor arguments torchvision's builder forces when given ``weights`` (its
+    ``_ovewrite_named_param`` calls in ``torchvision/models/*.py``), besides ``num_classes``.
+
+    googlenet/inception_v3: ``transform_input=True`` (the weights expect forward() to re-normalise
+    ImageNet-normalised input to [-1, 1]), ``aux_logits=True`` (the file holds the auxiliary heads),
+    ``init_weights=False``; maxvit: ``input_size`` = the weights' ``min_size``; vit: ``image_size`` =
+    ``min_size`` (passed by the caller). tests/test_factory.py checks every builder against torchvision's.
+    """
+    if name in _AUX_HEAD_MODELS:
+        return {"transform_input": True, "aux_logits": True, "init_weights": False}
+    if name.startswith("maxvit"):
+        return {"input_size": tuple(weights.meta["min_size"])}
+    if name.startswith("vit_"):
+        return {"image_size": weights.meta["min_size"][0]}
+    return {}
+
+
+def _tv_arch_kwargs(name: str, weights: Any, *, pretrained: bool) -> dict[str, Any]:
+    """:attr:`ModelInfo.model_kwargs` of a torchvision model built with (``pretrained``) or without
+    ``weights``: the forward-relevant subset of :func:`_tv_weights_kwargs` (aux heads are dropped;
+    the input size is ``image_size``'s business), as JSON values."""
+    if name in _AUX_HEAD_MODELS:
+        return {"transform_input": pretrained}
+    if name.startswith("maxvit") and pretrained:
+        return {"input_size": list(weights.meta["min_size"])}
+    return {}
+
+
+def _tv_get_model(name: str, kwargs: dict[str, Any], where: str) -> nn.Module:
+    from torchvision import models as tvm
+
+    try:
+        return tvm.get_model(name, **kwargs)
+    except (TypeError, ValueError) as e:  # recorded/foreign constructor arguments the builder rejects
+        raise UserError(f"{where}: model '{name}' cannot be built with the constructor arguments {kwargs} "
+                        f"({type(e).__name__}: {e}); set model.name to the checkpoint's architecture") from None
+
+
+def _load_hub_weights(model: nn.Module, name: str, cache: Path) -> None:
+    """Load torchvision's cached weights file into ``model`` (built by :func:`_tv_weights_kwargs`), pickle-free."""
+    fix = "delete it and run again, or set model.checkpoint=PATH or model.pretrained=false"
+    try:
+        state = load_pickle_free(cache, what=f"cached weights file for model '{name}'")
+    except UserError as e:
+        raise type(e)(f"{e}; {fix}") from None
+    if name.startswith("densenet"):  # as torchvision's densenet builder: old 'norm.1'-style key names
+        pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+        state = {(m.group(1) + m.group(2) if (m := pattern.match(k)) else k): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, AttributeError, TypeError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise UserError(f"cached weights file '{cache}' for model '{name}' does not fit it ({first}): {fix}") from None
 
 
 def _weights_member(model_name: str, weights_name: str) -> Any:
@@ -238,7 +327,21 @@ def _init_head(module: nn.Module) -> None:
 # ---------------------------------------------------------------- timm
 
 
-def _build_timm(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn.Module, ModelInfo]:
+# timm model entrypoints that build differently when called with pretrained=True (an `if pretrained:`
+# before build_model_with_cfg; audit of timm/models/*.py, timm 1.0): pass the same kwargs explicitly so
+# that they are recorded in ModelInfo.model_kwargs and a rebuild without weights matches.
+_TIMM_PRETRAINED_KWARGS: dict[str, dict[str, Any]] = {
+    "fbnetc_100": {"bn_eps": 1e-3},  # "pretrained model trained with non-default BN epsilon"
+}
+
+
+def _timm_arch_kwargs(name: str, *, pretrained: bool) -> dict[str, Any]:
+    """:attr:`ModelInfo.model_kwargs` of timm model ``name`` (``arch`` or ``arch.tag``) with/without weights."""
+    return dict(_TIMM_PRETRAINED_KWARGS.get(name.split(".", 1)[0], {})) if pretrained else {}
+
+
+def _build_timm(cfg: ModelConfig, num_classes: int, image_size: int, arch: dict[str, Any] | bool,
+                where: str) -> tuple[nn.Module, ModelInfo]:
     try:
         import timm
     except ImportError:
@@ -253,12 +356,16 @@ def _build_timm(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn
         raise ConfigError(f"config key 'model.name' has bad value {cfg.name!r}: unknown timm model"
                           f"{_close(name, timm.list_models(), prefix='timm:')}")
     pcfg = timm.models.get_pretrained_cfg(name)
-    kwargs = {"img_size": image_size} if image_size and pcfg is not None and pcfg.fixed_input_size else {}
+    size_kw = {"img_size": image_size} if image_size and pcfg is not None and pcfg.fixed_input_size else {}
     load = cfg.pretrained and not cfg.checkpoint
+    kwargs = _timm_arch_kwargs(name, pretrained=bool(arch)) if isinstance(arch, bool) else dict(arch)
     try:
-        model = timm.create_model(name, pretrained=load, **kwargs)
+        model = timm.create_model(name, pretrained=load, **size_kw, **kwargs)
     except Exception as e:
         if not load:
+            if kwargs and isinstance(e, TypeError):
+                raise UserError(f"{where}: model '{cfg.name}' cannot be built with the constructor arguments "
+                                f"{kwargs} ({e}); set model.name to the checkpoint's architecture") from None
             raise
         raise UserError(
             f"could not load timm pretrained weights for '{name}' ({type(e).__name__}: {e}). timm reads them "
@@ -275,7 +382,7 @@ def _build_timm(cfg: ModelConfig, num_classes: int, image_size: int) -> tuple[nn
         name=cfg.name, num_classes=num_classes, input_size=image_size or int(pc.get("input_size", (3, 224, 224))[-1]),
         mean=tuple(pc.get("mean", IMAGENET_MEAN)), std=tuple(pc.get("std", IMAGENET_STD)),
         interpolation="bicubic" if pc.get("interpolation") == "bicubic" else "bilinear",
-        crop_pct=float(pc.get("crop_pct", 0.875)), head=head, stages=_find_stages(model, head),
+        crop_pct=float(pc.get("crop_pct", 0.875)), head=head, stages=_find_stages(model, head), model_kwargs=kwargs,
     )
 
 
@@ -316,14 +423,33 @@ def _block_names(model: nn.Module) -> list[str]:
 # ---------------------------------------------------------------- checkpoints
 
 
+@dataclass
+class _Checkpoint:
+    """A checkpoint read by :func:`_read_checkpoint`."""
+
+    state: dict[str, torch.Tensor]
+    path: Path
+    """The weights file it came from."""
+    arch: dict[str, Any] | bool | None
+    """The saved model's constructor kwargs (:attr:`ModelInfo.model_kwargs`) when recorded; a bool when
+    only whether it had the pretrained architecture is known (an older tldist checkpoint's config, another
+    trainer's args); None when nothing says (a plain state dict)."""
+
+
 def load_checkpoint(model: nn.Module, info: ModelInfo, path: str | os.PathLike, *, require_head: bool = False) -> None:
     """Initialise ``model`` from a local checkpoint (see ``model.checkpoint``), in place.
 
     Head tensors whose shape differs from the new head are dropped (the new head keeps
     its init), unless ``require_head``, where that raises :class:`UserError` like any other
-    missing, unexpected or mis-shaped key.
+    missing, unexpected or mis-shaped key. Only the weights are loaded: ``model`` must already be
+    built with the checkpoint's constructor arguments, as :func:`build_model` does.
     """
-    state, src = _read_state(Path(path).expanduser(), info)
+    ck = _read_checkpoint(Path(path).expanduser(), info.name)
+    _load_state(model, info, ck.state, ck.path, require_head=require_head)
+
+
+def _load_state(model: nn.Module, info: ModelInfo, state: dict[str, torch.Tensor], src: Path, *,
+                require_head: bool) -> None:
     own = model.state_dict()
     pos = "encoder.pos_embedding"
     if pos in state and pos in own and state[pos].shape != own[pos].shape and hasattr(model, "patch_size"):
@@ -362,16 +488,20 @@ def load_checkpoint(model: nn.Module, info: ModelInfo, path: str | os.PathLike, 
         log.info("checkpoint %s: dropped head tensors %s (new head for %d classes)", src, dropped, info.num_classes)
 
 
-def _read_state(path: Path, info: ModelInfo) -> tuple[dict[str, torch.Tensor], Path]:
+def _read_checkpoint(path: Path, name: str) -> _Checkpoint:
+    """Read ``model.checkpoint`` (a weights file, or a tldist checkpoint/export directory) for model ``name``.
+
+    ``.pt``/``.pth`` files are loaded pickle-free (:func:`~tldist.safeload.load_pickle_free`); besides
+    tensors and plain data they may hold the ``argparse.Namespace`` that torchvision's and timm's
+    reference ``train.py`` store as ``args``. The weights are the dict under ``state_dict`` (timm), else
+    ``model`` (torchvision), else the file itself; EMA copies (``state_dict_ema``, ``model_ema``) are
+    not used (as timm's ``validate.py`` without ``--use-ema``).
+    """
     if not path.exists():
         raise UserError(f"model.checkpoint '{path}' does not exist: give a .safetensors/.pt file or a checkpoint directory")
+    arch: dict[str, Any] | bool | None = None
     if path.is_dir():
-        meta = path / "model.json"
-        if meta.is_file():
-            saved = json.loads(meta.read_text()).get("model")
-            if saved and saved != info.name:
-                raise UserError(f"model.checkpoint '{path}' holds a '{saved}' model ({meta}) but model.name is "
-                                f"'{info.name}': set model.name={saved}")
+        arch = _recorded_arch(path, name)
         if not (path / "model.safetensors").is_file():
             raise UserError(
                 f"model.checkpoint directory '{path}' has no model.safetensors: point it at a tldist "
@@ -380,26 +510,105 @@ def _read_state(path: Path, info: ModelInfo) -> tuple[dict[str, torch.Tensor], P
         path = path / "model.safetensors"
     if path.suffix not in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
         raise UserError(f"model.checkpoint '{path}': unknown file type; use .safetensors, .pt or .pth")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(
-            f"model.checkpoint '{path}' holds objects other than tensors ({str(e).splitlines()[0]}); "
-            "re-save only its state dict (torch.save(sd, 'clean.pt')) and point model.checkpoint at that"
-        ) from None
-    except Exception as e:
-        raise UserError(f"model.checkpoint '{path}' could not be read: {type(e).__name__}: {e}") from None
+        except Exception as e:  # safetensors raises SafetensorError (an Exception) too
+            first = " ".join(str(e).split())[:200]
+            raise UserError(f"model.checkpoint '{path}' could not be read ({type(e).__name__}: {first})") from None
+    else:
+        obj = load_pickle_free(path, what="model.checkpoint", allow=TRAINER_GLOBALS)
+        arch = _trainer_arch(obj, name)
+    top = obj
     while isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in ("state_dict", "model")):
         obj = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"model.checkpoint '{path}' is not a state dict (name -> tensor), nor a dict with one under "
                         "'state_dict' or 'model'")
-    return {_strip(k): v for k, v in obj.items()}, path
+    ema = [k for k in ("state_dict_ema", "model_ema") if isinstance(top, dict) and isinstance(top.get(k), dict)]
+    if ema:
+        log.info("model.checkpoint %s also holds EMA weights under '%s'; the trained (non-EMA) weights are loaded. "
+                 "To start from the EMA weights, save them alone: torch.save(ck['%s'], 'ema.pt')", path, ema[0], ema[0])
+    return _Checkpoint({_strip(k): v for k, v in obj.items()}, path, arch)
+
+
+def _recorded_arch(path: Path, name: str, depth: int = 0) -> dict[str, Any] | bool | None:
+    """What a tldist export or checkpoint directory records about its architecture (see :func:`build_model`);
+    raises :class:`UserError` when it records a model other than ``name``."""
+
+    def read_json(f: Path) -> dict[str, Any]:
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.checkpoint metadata '{f}' could not be read ({type(e).__name__}: {e})") from None
+        if not isinstance(d, dict):
+            raise UserError(f"model.checkpoint metadata '{f}' is not a JSON object")
+        return d
+
+    def kwargs(d: dict[str, Any], f: Path) -> dict[str, Any]:
+        kw = d["model_kwargs"]
+        if not isinstance(kw, dict):
+            raise UserError(f"'model_kwargs' in '{f}' has bad value {kw!r}: must be an object of constructor arguments")
+        return kw
+
+    meta_file, trainer_file, config_file = path / "model.json", path / "trainer.json", path / "config.yaml"
+    if meta_file.is_file():  # an export
+        meta = read_json(meta_file)
+        saved = meta.get("model")
+        if saved and saved != name:
+            raise UserError(f"model.checkpoint '{path}' holds a '{saved}' model ({meta_file}) but model.name is "
+                            f"'{name}': set model.name={saved}")
+        if "model_kwargs" in meta:
+            return kwargs(meta, meta_file)
+        source = meta.get("source_checkpoint")  # exported before model_kwargs were recorded: ask its checkpoint
+        if isinstance(source, str) and depth < 3 and (Path(source) / "trainer.json").is_file():
+            return _recorded_arch(Path(source), name, depth + 1)
+        return None
+    arch: dict[str, Any] | bool | None = None
+    if config_file.is_file():  # a step_* checkpoint: the run's resolved config
+        import yaml
+
+        try:
+            model_cfg = (yaml.safe_load(config_file.read_text()) or {}).get("model") or {}
+        except (OSError, yaml.YAMLError, AttributeError) as e:
+            raise UserError(f"model.checkpoint config '{config_file}' could not be read ({type(e).__name__})") from None
+        saved = model_cfg.get("name")
+        if saved and saved != name:
+            raise UserError(f"model.checkpoint '{path}' holds a '{saved}' model ({config_file}) but model.name is "
+                            f"'{name}': set model.name={saved}")
+        # Before model_kwargs were recorded, a run had the pretrained architecture iff it loaded pretrained weights.
+        arch = bool(model_cfg.get("pretrained", True)) and not model_cfg.get("checkpoint")
+    if trainer_file.is_file():
+        trainer = read_json(trainer_file)
+        if "model_kwargs" in trainer:
+            return kwargs(trainer, trainer_file)
+    return arch
+
+
+def _trainer_arch(obj: Any, name: str) -> dict[str, Any] | bool | None:
+    """The architecture another trainer's checkpoint records in its ``args`` (see :func:`build_model`).
+
+    torchvision's ``references/classification/train.py`` builds ``get_model(args.model, weights=args.weights)``;
+    timm's ``train.py`` ``create_model(args.model, pretrained=args.pretrained, bn_eps=args.bn_eps,
+    global_pool=args.gp, **args.model_kwargs)`` (drop rates only act in training mode).
+    """
+    args = obj.get("args") if isinstance(obj, dict) else None
+    a = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else None
+    if not a:
+        return None
+    if name.startswith("timm:"):
+        if "pretrained" not in a:
+            return None
+        kw = _timm_arch_kwargs(name[len("timm:"):], pretrained=bool(a["pretrained"]))
+        kw.update({"bn_eps": a["bn_eps"]} if a.get("bn_eps") is not None else {})
+        kw.update({"global_pool": a["gp"]} if a.get("gp") is not None else {})
+        kw.update(a["model_kwargs"] if isinstance(a.get("model_kwargs"), dict) else {})
+        return kw
+    if "weights" in a:
+        return bool(a["weights"])
+    return None
 
 
 def _strip(key: str) -> str:

@@ -4,12 +4,20 @@ Layout of ``<output_dir>/checkpoints/step_00000120/``:
 
 - ``model.safetensors``  full (unsharded) model state dict, loadable without tldist;
 - ``optimizer.pt``       full optimizer state keyed by parameter name;
-- ``state.pt``           scheduler state plus per-rank loader positions and RNG states;
+- ``state.pt``           scheduler and GradScaler state, per-rank loader positions and RNG states;
 - ``trainer.json``       step, epoch, best metric, tracker run id, world size (human-readable);
-- ``config.yaml``        the resolved job config.
+- ``config.yaml``        the resolved job config;
+- ``complete.json``      written last: every other member's name and size.
 
-A checkpoint is written into ``.tmp-step_...`` and renamed into place, so a crash never
-leaves a half-written ``step_*`` directory; ``latest()`` only ever sees complete ones.
+A checkpoint is written into ``.tmp-step_...`` and renamed into place; pruning renames a
+directory to ``.trash-step_...`` before deleting it. A ``step_*`` directory counts as complete
+only when ``complete.json`` lists members that all exist with those sizes, so a crash while
+writing, re-saving or pruning never leaves a checkpoint that resume would pick and then fail on:
+incomplete ones are skipped with a warning (:func:`is_complete`).
+
+Nothing here is unpickled with arbitrary globals: ``optimizer.pt`` and ``state.pt`` hold only
+tensors and plain Python data and are read with ``weights_only=True``
+(:func:`tldist.safeload.load_pickle_free`); RNG states are stored as tensors and lists.
 Full state dicts are gathered with ``torch.distributed.checkpoint.state_dict``, which handles
 plain modules, DDP and FSDP2 alike.
 """
@@ -17,6 +25,7 @@ plain modules, DDP and FSDP2 alike.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -36,9 +45,31 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tldist.errors import UserError
+from tldist.safeload import load_pickle_free
+
+log = logging.getLogger("tldist")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+MEMBERS = ("model.safetensors", "optimizer.pt", "state.pt", "config.yaml", "trainer.json")
+"""The files of a checkpoint directory besides the completion marker."""
+MARKER = "complete.json"
+"""Written last into a checkpoint: ``{"members": {name: size in bytes}}``."""
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` is a complete checkpoint: its marker lists members that all exist with
+    the recorded sizes. Directories from before the marker existed count when every member
+    of :data:`MEMBERS` is there."""
+    path = Path(path)
+    marker = path / MARKER
+    if not marker.is_file():
+        return all((path / m).is_file() for m in MEMBERS)
+    try:
+        members = json.loads(marker.read_text())["members"]
+        return all((path / name).is_file() and (path / name).stat().st_size == size for name, size in members.items())
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return False
 
 
 def _distributed() -> bool:
@@ -55,16 +86,36 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states (python, numpy, torch CPU and CUDA) as tensors and plain data,
+    so that they load with ``weights_only=True``."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": {"version": version, "internal": list(internal), "gauss": gauss},
+             "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                       "gauss": float(np_state["gauss"])},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+_LEGACY_NUMPY = (np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+"""numpy array types (data, no code) that state.pt files written before RNG states became tensors hold."""
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned (or the tuple form older checkpoints hold)."""
+    py, n = state["python"], state["numpy"]
+    if isinstance(py, tuple):  # written by tldist before the tensor form
+        random.setstate(py)
+        np.random.set_state(n)
+        torch.set_rng_state(state["torch"])
+        return
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
+                                                               "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -77,17 +128,25 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
         self.is_main = is_main
+        self._warned: set[Path] = set()
 
     # ---- lookup ---------------------------------------------------------------------------
     def all_steps(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first; incomplete ``step_*`` directories are skipped with
+        a warning (once per directory)."""
         if not self.root.is_dir():
             return []
         found = []
         for p in self.root.iterdir():
             m = _STEP_DIR.match(p.name)
-            if m and (p / "trainer.json").is_file():
+            if not m:
+                continue
+            if is_complete(p):
                 found.append((int(m.group(1)), p))
+            elif p not in self._warned:
+                self._warned.add(p)
+                log.warning("skipping incomplete checkpoint %s (a member is missing or truncated: the run was "
+                            "killed while writing or deleting it); delete it to silence this warning", p)
         return sorted(found)
 
     def latest(self) -> Optional[Path]:
@@ -100,7 +159,7 @@ class CheckpointManager:
         if not f.is_file():
             return None
         p = self.root / json.loads(f.read_text())["dir"]
-        return p if p.is_dir() else None
+        return p if p.is_dir() and is_complete(p) else None
 
     def resolve_resume(self, resume: str) -> Optional[Path]:
         """``auto`` -> latest or None; ``none`` -> None; otherwise an existing checkpoint dir."""
@@ -112,13 +171,20 @@ class CheckpointManager:
         if not (p / "trainer.json").is_file():
             raise UserError(f"checkpoint.resume='{resume}' is not a checkpoint directory (no trainer.json); "
                             f"use 'auto', 'none' or a step_* directory under {self.root}")
+        if not is_complete(p):
+            raise UserError(f"checkpoint.resume='{resume}' is an incomplete checkpoint (a member is missing or "
+                            f"truncated); use 'auto' to take the newest complete one, or another step_* directory")
         return p
 
     # ---- save -----------------------------------------------------------------------------
     def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any, trainer_state: dict[str, Any], loader_state: dict[str, Any],
-             config_yaml: str, metric: Optional[float] = None) -> Path:
-        """Write checkpoint ``step`` atomically (call on every rank; rank 0 writes)."""
+             config_yaml: str, metric: Optional[float] = None, scaler: Any = None) -> Path:
+        """Write checkpoint ``step`` atomically (call on every rank; rank 0 writes).
+
+        ``scaler`` is the fp16 ``torch.amp.GradScaler`` (or None): its loss scale and growth
+        tracker are saved so that a resumed fp16 run continues with the same scale.
+        """
         model_sd = get_model_state_dict(model, options=_FULL)
         optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
         loaders = gather_objects(loader_state)
@@ -132,12 +198,15 @@ class CheckpointManager:
 
             save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
             torch.save(optim_sd, tmp / "optimizer.pt")
-            torch.save({"scheduler": scheduler.state_dict(), "loaders": loaders, "rng": rngs}, tmp / "state.pt")
+            torch.save({"scheduler": scheduler.state_dict(), "loaders": loaders, "rng": rngs,
+                        "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
             _fsync_dir(tmp)
+            (tmp / MARKER).write_text(json.dumps({"members": {m: (tmp / m).stat().st_size for m in MEMBERS}}))
+            _fsync_dir(tmp, only=MARKER)
             if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
-                shutil.rmtree(final)
+                self._remove(final)
             os.replace(tmp, final)
             if metric is not None:
                 self._write_json("best.json", {"dir": final.name, "step": step, "metric": metric})
@@ -152,30 +221,55 @@ class CheckpointManager:
         os.replace(tmp, self.root / name)
 
     def _prune(self) -> None:
-        """Keep the newest ``keep_last`` checkpoints and the best one (main process only)."""
+        """Keep the newest ``keep_last`` checkpoints and the best one (main process only); also
+        clear what killed saves and prunes left behind."""
         best = self.best()
         steps = self.all_steps()
         for _, p in steps[: max(0, len(steps) - self.keep_last)]:
             if best is None or p.resolve() != best.resolve():
-                shutil.rmtree(p, ignore_errors=True)
+                self._remove(p)
+        for p in self.root.glob(".trash-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _remove(self, path: Path) -> None:
+        """Delete a checkpoint directory so that no kill leaves a partial ``step_*`` behind:
+        rename it out of the ``step_*`` namespace first (atomic), then delete."""
+        trash = self.root / f".trash-{path.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     # ---- load -----------------------------------------------------------------------------
     def load(self, path: Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-             scheduler: Any, rank: int) -> dict[str, Any]:
-        """Restore model/optimizer/scheduler/RNG from ``path`` (call on every rank).
+             scheduler: Any, rank: int, scaler: Any = None) -> dict[str, Any]:
+        """Restore model/optimizer/scheduler/GradScaler/RNG from ``path`` (call on every rank).
 
+        Every member is read without arbitrary unpickling; a crafted or corrupt member raises a
+        one-line :class:`UserError` naming it before anything is restored from it.
         Returns ``{"trainer": trainer.json dict, "loader": this rank's loader state}``.
         """
         from safetensors.torch import load_file
 
-        set_model_state_dict(model, load_file(str(path / "model.safetensors")), options=_FULL)
+        state = load_pickle_free(path / "state.pt", what="checkpoint member", allow=_LEGACY_NUMPY)
+        optim_sd = load_pickle_free(path / "optimizer.pt", what="checkpoint member") if optimizer is not None else None
+        try:
+            trainer = json.loads((path / "trainer.json").read_text())
+            weights = load_file(str(path / "model.safetensors"))
+        except (ValueError, OSError) as e:  # safetensors raises SafetensorError (an Exception) too
+            raise UserError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {e})") from None
+        except Exception as e:
+            raise UserError(f"checkpoint member '{path / 'model.safetensors'}' could not be read "
+                            f"({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or not {"scheduler", "loaders", "rng"} <= set(state):
+            raise UserError(f"checkpoint member '{path / 'state.pt'}' is not a tldist state file "
+                            "(expected scheduler, loaders and rng entries)")
+        set_model_state_dict(model, weights, options=_FULL)
         if optimizer is not None:
-            optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
             set_optimizer_state_dict(model, optimizer, optim_sd, options=_FULL)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
-        trainer = json.loads((path / "trainer.json").read_text())
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         if len(state["loaders"]) <= rank:
             raise UserError(f"checkpoint '{path}' was written by {len(state['loaders'])} processes; this job has "
                             f"more. Resume with the same number of processes ({trainer.get('world_size')}).")
@@ -183,7 +277,13 @@ class CheckpointManager:
         return {"trainer": trainer, "loader": state["loaders"][rank]}
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
+def _fsync_dir(path: Path, only: Optional[str] = None) -> None:
+    """fsync every file of ``path`` (or just ``only``), then the directory entry itself."""
+    for f in ([path / only] if only else path.iterdir()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

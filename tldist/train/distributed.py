@@ -25,9 +25,16 @@ from tldist.world import World
 
 
 def build_accelerator(cfg: TrainConfig):
-    """The Accelerator for this process (call on every rank, once)."""
+    """The Accelerator for this process (call on every rank, once).
+
+    Collectives time out after ``train.collective_timeout_s`` (torch's defaults: 30 min for
+    gloo, 10 min for NCCL): a rank whose peer vanished without closing its connections (a lost
+    node, a hung GPU) raises instead of waiting for the scheduler's time limit.
+    """
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     use_fsdp = fsdp_requested(cfg)
     if use_fsdp and cfg.mixed_precision == "fp16":
@@ -39,7 +46,8 @@ def build_accelerator(cfg: TrainConfig):
     # the trainer averages them before every evaluation and checkpoint (average_buffers).
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False,
                                                gradient_as_bucket_view=True)
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp_kwargs],
+    pg_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp_kwargs, pg_kwargs],
                        step_scheduler_with_optimizer=False)
 
 
@@ -79,13 +87,48 @@ def _has_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def fsdp_block_names(cfg: TrainConfig, suggested: list[str]) -> list[str]:
-    """Block classes to wrap: ``train.fsdp_block``, else the accelerate config's
-    ``fsdp_transformer_layer_cls_to_wrap``, else the backbone's own suggestion."""
-    names = cfg.fsdp_block or os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
-    if names:
-        return [n.strip() for n in names.split(",") if n.strip()]
+def fsdp_block_names(cfg: TrainConfig, model: nn.Module, suggested: list[str]) -> list[str]:
+    """Block classes to wrap, each a class present in ``model``.
+
+    ``train.fsdp_block`` wins and must name classes of this model (else :class:`ConfigError`
+    listing the candidates). The accelerate config's ``fsdp_transformer_layer_cls_to_wrap``
+    is a list shared by every model launched with that file: its names present in ``model``
+    are used, and when none is, the backbone's own suggestion is (with a warning).
+    """
+    import logging
+
+    present = {type(m).__name__ for m in model.modules()}
+    explicit = [n.strip() for n in cfg.fsdp_block.split(",") if n.strip()]
+    if explicit:
+        missing = [n for n in explicit if n not in present]
+        if missing:
+            candidates = sorted(n for n in present if any(k in n for k in ("Block", "Layer", "Bottleneck", "Stage")))
+            raise ConfigError(f"config key 'train.fsdp_block' names {missing}, not module classes of this model; "
+                              f"choose among {candidates or sorted(present)[:12]}")
+        return explicit
+    from_env = [n.strip() for n in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if n.strip()]
+    if from_env:
+        usable = [n for n in from_env if n in present]
+        if usable:
+            return usable
+        logging.getLogger("tldist").warning(
+            "FSDP2: the accelerate config's fsdp_transformer_layer_cls_to_wrap (%s) names no module class of this "
+            "model; sharding the backbone's own blocks (%s) instead (set train.fsdp_block to choose)",
+            ",".join(from_env), ",".join(suggested) or "none: root only")
     return list(suggested)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank died or timed out (gloo's
+    "Connection closed/reset by peer", NCCL/gloo timeouts, ``torch.distributed.DistError``)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(k in text for k in (
+        "Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "Timed out", "timed out",
+        "Broken pipe"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -120,13 +163,14 @@ def average_buffers(model: nn.Module) -> None:
 
 
 class StopVote:
-    """Ranks agree on a stop request one step late, so that the vote never stalls a step.
+    """Ranks agree on stopping one step late, so that the vote never stalls a step.
 
-    ``poll(flag)`` starts a non-blocking MAX all-reduce of this rank's flag and returns the agreed
-    result of the previous poll (False at the first). The vote travels on the CPU over gloo (the
+    ``poll(code)`` starts a non-blocking MAX all-reduce of this rank's code (0 = go on, higher =
+    a reason to stop, e.g. :data:`STOP_PREEMPT`, :data:`STOP_DATA_FAULT`) and returns the agreed
+    code of the previous poll (0 at the first). The vote travels on the CPU over gloo (the
     default group on CPU, a gloo side group next to NCCL), so reading it never waits for an
     accelerator stream, and by the time it is read a whole step has passed. Without a process
-    group ``poll`` returns ``flag`` at once. Construct it, and call ``poll`` and ``finish``, on
+    group ``poll`` returns ``code`` at once. Construct it, and call ``poll`` and ``finish``, on
     every rank at the same points relative to other collectives.
     """
 
@@ -139,21 +183,27 @@ class StopVote:
         if self._active and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")  # a collective: every rank creates it
 
-    def poll(self, flag: bool) -> bool:
+    def poll(self, code: int) -> int:
         import torch.distributed as dist
 
         agreed = self.finish()
         if not self._active:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+            return int(code)
+        t = torch.tensor([int(code)], dtype=torch.int32)
         self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group, async_op=True), t)
         return agreed
 
-    def finish(self) -> bool:
-        """Wait for the outstanding vote, if any, and return it."""
+    def finish(self) -> int:
+        """Wait for the outstanding vote, if any, and return it (0 when none)."""
         if self._pending is None:
-            return False
+            return 0
         work, t = self._pending
         self._pending = None
         work.wait()
-        return bool(t.item() > 0)
+        return int(t.item())
+
+
+STOP_PREEMPT = 1
+"""Vote code: a stop was requested (preemption, time limit); every rank checkpoints and returns."""
+STOP_DATA_FAULT = 2
+"""Vote code: a rank's loader crossed ``data.max_skip_fraction``; every rank raises the DataError."""

@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from tldist.config import CheckpointConfig, TrainConfig
 from tldist.train.checkpoint import CheckpointManager
-from tldist.train.distributed import StopVote, average_buffers
+from tldist.errors import DataError
+from tldist.train.distributed import STOP_DATA_FAULT, STOP_PREEMPT, StopVote, average_buffers
 from tldist.train.metrics import EvalAccumulator
 from tldist.train.tracking import Tracker
 
@@ -149,8 +150,10 @@ class Trainer:
             trace = open(self.output_dir / "trace" / f"rank{self.accelerator.process_index}.jsonl", "a")
         bar = _progress_bar(self.is_main, self.state.step, self.total_steps)
         try:
-            stopped, last_metrics = self._steps(profiler, trace, bar)
-        finally:  # a failing step still leaves a profiler trace and a flushed sample trace
+            # log lines go through tqdm.write while the bar is shown, so the bar stays on the last line
+            with _redirect_logging(not bar.disable):
+                stopped, last_metrics = self._steps(profiler, trace, bar)
+        finally:  # a failing step still leaves a profiler trace and a flushed sample trace; no collectives here
             bar.close()
             if profiler is not None:
                 profiler.stop()
@@ -221,9 +224,14 @@ class Trainer:
                 if top1 is not None and top1 > self.state.best_metric:
                     self.state.best_metric, self.state.best_step, new_best = top1, step, top1
                 self.model.train()
-            stopped = vote.poll(_STOP.is_set())
-            if stopped or step == self.total_steps:
-                vote.finish()  # no collective left in flight
+            # -- stop decisions are taken by all ranks together, one step late (no per-step sync)
+            code = STOP_DATA_FAULT if self.train_loader.fault is not None else STOP_PREEMPT if _STOP.is_set() else 0
+            agreed = vote.poll(code)
+            if agreed or step == self.total_steps:
+                agreed = max(agreed, vote.finish())  # no collective left in flight
+            if agreed == STOP_DATA_FAULT:
+                self._raise_data_fault()
+            stopped = agreed == STOP_PREEMPT
             ckpt_due = (self.ckpt_cfg.every_steps and step % self.ckpt_cfg.every_steps == 0) or epoch_end \
                 or step == self.total_steps or stopped or new_best is not None
             if ckpt_due:
@@ -232,6 +240,16 @@ class Trainer:
                 self.tracker.mark_preempting()
                 break
         return stopped, last_metrics
+
+    def _raise_data_fault(self) -> None:
+        """Every rank raises the same :class:`DataError`, naming each rank's fault (call on every
+        rank, once the ranks agreed on a data fault; the CLI prints it on the main process only)."""
+        from tldist.train.checkpoint import gather_objects
+
+        faults = [f for f in gather_objects(str(self.train_loader.fault) if self.train_loader.fault else None) if f]
+        err = DataError(" | ".join(faults))
+        err.same_on_every_rank = True
+        raise err
 
     def _data_totals(self) -> dict[str, int]:
         """Train samples read and skipped (corrupt, truncated, unreachable), summed over ranks and
@@ -253,12 +271,17 @@ class Trainer:
 
         params = list(self.model.parameters())
         sharded = bool(params) and all(isinstance(p, DTensor) for p in params)
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-        local += [b for b in self.model.buffers() if b.is_floating_point()]  # BatchNorm statistics too
-        checksum = float(sum(p.detach().double().sum() for p in local))
-        sums = gather_objects(checksum)
+        shards = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+        buffers = [b for b in self.model.buffers() if b.is_floating_point()]  # BatchNorm statistics too
+        shard_sum = float(sum(p.detach().double().sum() for p in shards))
+        buffer_sum = float(sum(b.detach().double().sum() for b in buffers))
+        sums = gather_objects((shard_sum, buffer_sum))
+        if sharded:  # each rank holds a disjoint shard: the full model's sum is the sum of the shards'
+            checksum = sum(s for s, _ in sums) + sums[0][1]
+        else:
+            checksum = sums[0][0] + sums[0][1]
         return {"world_size": self.accelerator.num_processes, "sharded_params": sharded,
-                "ranks_agree": None if sharded else all(c == sums[0] for c in sums), "param_checksum": sums[0]}
+                "ranks_agree": None if sharded else all(c == sums[0] for c in sums), "param_checksum": checksum}
 
     def _log_train(self, window: torch.Tensor, steps: int, global_batch: int, grad_norm) -> None:
         """Reduce the window across ranks and log it (call on every rank)."""
@@ -334,7 +357,7 @@ class Trainer:
         path = self.checkpoints.save(self.state.step, model=self.model, optimizer=self.raw_optimizer,
                                      scheduler=self.scheduler, trainer_state=state,
                                      loader_state=self.train_loader.state_dict(), config_yaml=self.config_yaml,
-                                     metric=metric)
+                                     metric=metric, scaler=self.accelerator.scaler)
         if self.is_main:
             log.info("saved checkpoint %s", path)
         self.tracker.log({"checkpoint/step": self.state.step}, step=self.state.step)
@@ -351,6 +374,15 @@ class Trainer:
                        on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.accelerator.process_index}"))
         prof.start()
         return prof
+
+
+def _redirect_logging(enabled: bool):
+    """Route log records through ``tqdm.write`` while a progress bar is on screen."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def _sample_predictions(batch: dict, logits: torch.Tensor, class_names: list[str], limit: int = 8) -> list[dict]:

@@ -49,10 +49,58 @@ def read_classes(data_cfg) -> list[str]:
     return classes
 
 
-def eval_set_name(location: str) -> str:
-    """``.../digits/val`` -> ``digits/val``: the name an extra eval set is logged under."""
-    parts = [p for p in location.rstrip("/").replace("manifest.json", "").rstrip("/").split("/") if p]
-    return "/".join(parts[-2:])
+def shard_set_id(location: str) -> tuple[str, ...]:
+    """Path components that identify a shard set: a local path made absolute and normalised (a
+    trailing ``manifest.json`` dropped), a URL's scheme then host and path components."""
+    import os
+
+    location = str(location).rstrip("/")
+    if location.endswith("manifest.json"):
+        location = location[: -len("manifest.json")].rstrip("/")
+    scheme, sep, rest = location.partition("://")
+    if sep:
+        return (scheme + ":", *[p for p in rest.split("/") if p])
+    return tuple(p for p in os.path.abspath(location).split(os.sep) if p)
+
+
+def eval_set_names(locations: list[str], keys: list[str] = (), reserved: tuple[str, ...] = ("val",)) -> list[str]:
+    """Distinct names for shard sets: ``.../digits/val`` -> ``digits/val``, longer tails where two sets share
+    one (``/x/a/shards/val``, ``/x/b/shards/val`` -> ``a/shards/val``, ``b/shards/val``), never a ``reserved`` name.
+
+    Raises :class:`ConfigError` naming both config keys (``keys[i]``, default ``locations[i]``) when two
+    locations are the same shard set: it would be scored twice under one name.
+    """
+    keys = list(keys) or [f"'{loc}'" for loc in locations]
+    ids = [shard_set_id(loc) for loc in locations]
+    first: dict[tuple[str, ...], int] = {}
+    for i, set_id in enumerate(ids):
+        if set_id in first:
+            j = first[set_id]
+            raise ConfigError(f"config keys {keys[j]} ({locations[j]}) and {keys[i]} ({locations[i]}) name the same "
+                              "shard set: list each eval set once")
+        first[set_id] = i
+    parts = [[p for p in set_id if not p.endswith(":")] or list(set_id) for set_id in ids]
+    depth = [min(2, len(p)) for p in parts]
+    while True:
+        names = ["/".join(p[len(p) - d:]) for p, d in zip(parts, depth)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 or n in reserved]
+        grow = [i for i in clash if depth[i] < len(parts[i])]
+        if not grow:
+            # only a whole path equal to a reserved name is left (e.g. '/val'): use the location itself
+            return [str(locations[i]) if i in clash else n for i, n in enumerate(names)]
+        for i in grow:
+            depth[i] += 1
+
+
+def eval_sets(data_cfg) -> list[tuple[str, str]]:
+    """``(name, location)`` of every eval set: ``data.val`` as ``val``, then ``data.val_sets`` under
+    distinct names (:func:`eval_set_names`). Raises :class:`ConfigError` when an entry repeats another
+    one or ``data.val``."""
+    extra = list(data_cfg.val_sets)
+    locations = ([data_cfg.val] if data_cfg.val else []) + extra
+    keys = (["'data.val'"] if data_cfg.val else []) + [f"'data.val_sets[{i}]'" for i in range(len(extra))]
+    eval_set_names(locations, keys)  # no set twice (data.val included)
+    return ([("val", data_cfg.val)] if data_cfg.val else []) + list(zip(eval_set_names(extra), extra))
 
 
 def check_num_classes(model_cfg, classes: list[str], source: str) -> int:
@@ -73,8 +121,39 @@ def build_optimizer(cfg, groups: list[dict], lr: float) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
 
 
-def build(cfg: JobConfig) -> Trainer:
-    """Make every object of a training job from its config (call on every rank)."""
+def claim_output_dir(output_dir: Path, accelerator):
+    """Lock ``output_dir`` for this run (call on every rank; the main process holds the lock).
+
+    The ranks agree on the outcome, so when another run holds the directory every rank raises
+    the same one-line error (printed once) instead of rank 0 failing while the others wait.
+    Returns the lock (None on other ranks); release it with ``release()``.
+    """
+    from tldist.errors import UserError
+    from tldist.train.checkpoint import gather_objects
+    from tldist.train.lock import acquire_run_lock
+
+    lock, refusal = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = acquire_run_lock(output_dir)
+        except UserError as e:
+            refusal = str(e)
+    refusals = [r for r in gather_objects(refusal) if r]  # a normal-path collective: every rank gets here
+    if refusals:
+        if lock is not None:
+            lock.release()
+        err = UserError(refusals[0])
+        err.same_on_every_rank = True
+        raise err
+    return lock
+
+
+def build(cfg: JobConfig, accelerator=None) -> Trainer:
+    """Make every object of a training job from its config (call on every rank).
+
+    ``accelerator`` (from :func:`~tldist.train.distributed.build_accelerator`) is built here
+    when not given.
+    """
     from accelerate.utils import set_seed
 
     from tldist.data.pipeline import build_eval_loader, build_train_loader
@@ -84,10 +163,10 @@ def build(cfg: JobConfig) -> Trainer:
     from tldist.models.transfer import apply_transfer
 
     cfg.validate()
-    accelerator = build_accelerator(cfg.train)
+    accelerator = accelerator or build_accelerator(cfg.train)
     world = world_of(accelerator)
     setup_logging(accelerator.is_main_process)
-    set_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # the same initial model on every rank (FSDP2 shards it without a broadcast)
     output_dir = Path(cfg.output_dir)
     config_yaml = format_config(cfg)
     if accelerator.is_main_process:
@@ -106,14 +185,14 @@ def build(cfg: JobConfig) -> Trainer:
     model, info = build_model(cfg.model, num_classes, image_size=cfg.data.image_size)
     apply_transfer(model, cfg.transfer, info)
     image_size = cfg.data.image_size or info.input_size
+    # the loop is done with a batch by its next step (recycling); ranks stop together on data faults
     train_loader = build_train_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation,
-                                      recycle_batches=True)  # the loop is done with a batch by its next step
+                                      recycle_batches=True, raise_on_fault=False)
     eval_loaders = {}
-    val_sets = ([("val", cfg.data.val)] if cfg.data.val else []) + [(eval_set_name(v), v) for v in cfg.data.val_sets]
-    for i, (name, location) in enumerate(val_sets):
+    for i, (name, location) in enumerate(eval_sets(cfg.data)):  # distinct names, no set twice
         # Val labels are remapped by class name onto the training classes.
         eval_loaders[name] = build_eval_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation,
-                                               location=location,
+                                               crop_pct=info.crop_pct, location=location,
                                                classes=tasks.bind_eval(name, i) if tasks else train_loader.classes)
 
     # Model placement and wrapping; the optimizer is built on the final (possibly sharded) params.
@@ -125,7 +204,7 @@ def build(cfg: JobConfig) -> Trainer:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(accelerator.device)
     if fsdp:
-        wrapped = apply_fsdp2(model, fsdp_block_names(cfg.train, info.block_class_names),
+        wrapped = apply_fsdp2(model, fsdp_block_names(cfg.train, model, info.block_class_names),
                               mixed_precision=cfg.train.mixed_precision, device_type=accelerator.device.type)
         log.info("FSDP2: %d sharded blocks (%s...) + root", len(wrapped), ", ".join(wrapped[:3]))
     accum = cfg.train.grad_accum
@@ -144,16 +223,22 @@ def build(cfg: JobConfig) -> Trainer:
     warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)
     scheduler = build_scheduler(raw_optimizer, warmup_steps=warmup, total_steps=total_steps,
                                 min_ratio=cfg.optim.min_lr_ratio)
+    # From here on each rank draws its own random stream (dropout, drop-path): seed + rank, as
+    # timm's train.py does. The model above was initialised identically on every rank; data
+    # order and augmentation use their own generators keyed by data.seed; a resume restores
+    # each rank's saved stream below.
+    set_seed(cfg.train.seed + world.rank)
 
     # Resume: model, optimizer, scheduler, RNG, loader position and tracker run id.
     checkpoints = CheckpointManager(output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                     is_main=accelerator.is_main_process)
     state, run_id = TrainerState(extra={"classes": classes, "image_size": image_size,
+                                        "model_kwargs": info.model_kwargs,  # rebuilds compute the same forward
                                         **({"tasks": tasks.state()} if tasks else {})}), None
     resume_from = checkpoints.resolve_resume(cfg.checkpoint.resume)
     if resume_from is not None:
         restored = checkpoints.load(resume_from, model=model, optimizer=raw_optimizer, scheduler=scheduler,
-                                    rank=world.rank)
+                                    rank=world.rank, scaler=accelerator.scaler)
         state.load_state_dict(restored["trainer"])
         train_loader.load_state_dict(restored["loader"])
         run_id = restored["trainer"].get("tracker", {}).get("run_id")
@@ -168,7 +253,7 @@ def build(cfg: JobConfig) -> Trainer:
                  **run_metadata()}
     tracker = build_tracker(cfg.tracker, is_main=accelerator.is_main_process,
                             run_name=cfg.run_name or output_dir.name, output_dir=output_dir,
-                            config={**cfg.to_dict(), **metadata}, run_id=run_id)
+                            config={**cfg.to_dict(), **metadata}, run_id=run_id, resumed_step=state.step)
     return Trainer(cfg=cfg.train, ckpt_cfg=cfg.checkpoint, accelerator=accelerator, model=model,
                    optimizer=optimizer, raw_optimizer=raw_optimizer, scheduler=scheduler,
                    train_loader=train_loader, eval_loaders=eval_loaders,
@@ -179,9 +264,22 @@ def build(cfg: JobConfig) -> Trainer:
 
 
 def run(cfg: JobConfig) -> dict[str, Any]:
-    """Build, fit and close one training job (call on every rank). Returns the final metrics."""
-    trainer = build(cfg)
+    """Build, fit and close one training job (call on every rank). Returns the final metrics.
+
+    Fail-fast: an exception on one rank (bad data, OOM, a bad checkpoint on one node, Ctrl-C)
+    leaves this function without any further collective, so the process exits at once; the
+    other ranks' pending collectives then fail (gloo: connection closed; otherwise after
+    ``train.collective_timeout_s``) and the launcher or ``srun --kill-on-bad-exit`` ends them.
+    """
+    from tldist.launch.signals import die_with_parent
+
+    die_with_parent()  # a killed launcher must not leave orphaned ranks writing checkpoints
+    cfg.validate()
+    accelerator = build_accelerator(cfg.train)
+    lock = claim_output_dir(Path(cfg.output_dir), accelerator)
+    trainer = None
     try:
+        trainer = build(cfg, accelerator)
         result = trainer.fit()
         result["tracker_run_id"] = trainer.tracker.run_id
         trainer.tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
@@ -189,7 +287,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             (trainer.output_dir / "result.json").write_text(json.dumps(result, indent=1))
             log.info("done: step %d, best top1 %.2f%% (step %d)", result["step"], result["best_top1"],
                      result["best_step"])
+        trainer.accelerator.wait_for_everyone()  # success path only: never a collective on an error path
         return result
     finally:
-        trainer.tracker.finish()
-        trainer.accelerator.wait_for_everyone()
+        if trainer is not None:
+            trainer.tracker.finish()
+        if lock is not None:
+            lock.release()

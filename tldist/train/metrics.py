@@ -42,12 +42,19 @@ class EvalAccumulator:
         self.confusion.index_put_((labels, pred), ones, accumulate=True)
 
     def compute(self) -> dict:
-        """Sum over ranks (call on every rank) and return loss, top1, top5 (in %), count and per-class accuracy."""
+        """Sum over ranks (call on every rank) and return the metrics of the whole eval set.
+
+        ``loss`` (mean cross-entropy, nats), ``top1``/``top5`` (in %), ``count`` (samples scored),
+        ``per_class_acc`` (list of ``num_classes`` top-1 fractions in [0, 1]; ``nan`` for a class with
+        no sample in the set: it was not measured, which is not 0) and ``confusion``
+        (``[true][predicted]`` integer counts).
+        """
         if dist.is_available() and dist.is_initialized():
             for t in (self.totals, self.class_hits, self.class_count, self.confusion):
                 dist.all_reduce(t)
         loss_sum, top1, top5, n = self.totals.tolist()
         n_safe = max(n, 1.0)
-        per_class = (self.class_hits / self.class_count.clamp(min=1)).tolist()
+        per_class = torch.where(self.class_count > 0, self.class_hits / self.class_count.clamp(min=1),
+                                torch.full_like(self.class_hits, float("nan"))).tolist()
         return {"loss": loss_sum / n_safe, "top1": 100.0 * top1 / n_safe, "top5": 100.0 * top5 / n_safe,
                 "count": int(n), "per_class_acc": per_class, "confusion": self.confusion.long().tolist()}

@@ -36,7 +36,7 @@ class TaskHeads:
         if any(w <= 0 for w in weights):
             raise ConfigError(f"config key 'train.task_weights' has bad value {list(weights)}: weights must be > 0")
         self.names = list(names)
-        """Task names (``eval_set_name`` of each ``data.train`` entry)."""
+        """Task names (distinct: :func:`tldist.train.main.eval_set_names` of the ``data.train`` entries)."""
         self.class_lists = [list(c) for c in class_lists]
         self.offsets = [sum(len(c) for c in self.class_lists[:t]) for t in range(len(self.class_lists))]
         self.num_outputs = sum(len(c) for c in self.class_lists)
@@ -84,11 +84,22 @@ class TaskHeads:
         return total / max(labels.numel(), 1)
 
     def bind_eval(self, name: str, task: int) -> list[str]:
-        """Score eval set ``name`` with ``task``'s head; returns that task's classes (to map val labels by name)."""
+        """Score eval set ``name`` with ``task``'s head; returns that task's classes (to map val labels by name).
+
+        Raises :class:`ConfigError` when ``name`` is already bound to another task (two eval sets
+        under one name would overwrite each other's scores and the mean ``eval/top1``).
+        """
+        if not 0 <= task < len(self.names):
+            raise ConfigError(f"eval set '{name}' is bound to task {task}, but there are {len(self.names)} tasks "
+                              "(data.val_sets[i] is scored with the head of data.train[i])")
+        if self.eval_task.get(name, task) != task:
+            raise ConfigError(f"eval set name '{name}' is used for the heads of tasks {self.eval_task[name]} and "
+                              f"{task}: give data.val_sets entries distinct paths")
         self.eval_task[name] = task
         return list(self.class_lists[task])
 
     def eval_span(self, name: str) -> tuple[int, int]:
+        """Output columns ``[lo, hi)`` scoring eval set ``name`` (bound with :meth:`bind_eval`)."""
         return self.span(self.eval_task[name])
 
     def state(self) -> list[dict[str, Any]]:
@@ -101,11 +112,13 @@ def build_task_heads(data_cfg, weights: Sequence[float] = ()) -> TaskHeads:
     """One task per ``data.train`` entry, with the label maps the train loader applies (same merge)."""
     from tldist.data.manifest import load_manifest
     from tldist.data.pipeline import merge_classes
-    from tldist.train.main import eval_set_name
+    from tldist.train.main import eval_set_names, shard_set_id
 
     manifests = [load_manifest(loc) for loc in data_cfg.train]
     merged, maps = merge_classes(manifests)
-    names = [eval_set_name(str(loc)) for loc in data_cfg.train]
-    if len(set(names)) != len(names):
-        names = [f"task{t}" for t in range(len(names))]
+    locations = [str(loc) for loc in data_cfg.train]
+    if len({shard_set_id(loc) for loc in locations}) == len(locations):
+        names = eval_set_names(locations)  # distinct path tails
+    else:  # the same set twice: nothing in the paths tells the tasks apart
+        names = [f"task{t}" for t in range(len(locations))]
     return TaskHeads(names, [m.classes for m in manifests], maps, len(merged), weights)

@@ -2,19 +2,30 @@
 
 The W&B run id is kept in ``<output_dir>/tracker.json`` as soon as the run starts and in every
 checkpoint, so a resumed or requeued job logs into the same run (``resume="allow"``).
-Offline runs land in ``<output_dir>/wandb/offline-run-*``; upload them later with
-``wandb sync <dir>`` (segments of a requeued offline run: ``wandb sync --append``).
+Offline runs land in ``<output_dir>/wandb/offline-run-*``, one segment per attempt.
+
+A resumed job repeats the steps between its checkpoint and the kill. So that the uploaded run
+holds one row per step, :class:`WandbTracker` reads the transaction logs (``run-<id>.wandb``) of
+the run's earlier segments when it starts and does not log again a step they already hold
+(:func:`last_logged_step`): the segments cover disjoint step ranges, and uploading them oldest
+first (``WANDB_RESUME=allow wandb sync <output_dir>/wandb/offline-run-*``; README, "Experiment
+tracking") gives one value per step. The resumed job is exact, so the skipped values are the same.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import struct
 import uuid
+import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from tldist.config import TrackerConfig
+
+log = logging.getLogger("tldist")
 
 MAX_CONFUSION_CLASSES = 100
 """Confusion-matrix plots are skipped above this many classes (the per-class accuracies are still logged)."""
@@ -46,8 +57,20 @@ class Tracker:
 
 
 class WandbTracker(Tracker):
+    """W&B on the main process; one run per job, continued (same id) by every resumed attempt.
+
+    When a resumed attempt starts, :attr:`logged_through` is the last step that the run's earlier
+    segments hold (:func:`last_logged_step` over their transaction logs; online also the server's
+    last step) and nothing up to it is logged again. The steps between that and the checkpoint it
+    resumes from (``resumed_step``), which the killed attempt had logged but wandb had not yet
+    written (offline, wandb writes its log in 32 KiB blocks), are logged again from the row journal
+    ``<output_dir>/tracker-rows-<run id>.jsonl``: every row's scalars, written before W&B gets the
+    row (images, tables and plots of those steps are not kept). So the segments hold disjoint step
+    ranges that together cover every step once.
+    """
+
     def __init__(self, cfg: TrackerConfig, *, run_name: str, output_dir: Path, config: dict[str, Any],
-                 run_id: Optional[str]):
+                 run_id: Optional[str], resumed_step: int = 0):
         try:
             import wandb
         except ImportError:  # pragma: no cover - wandb is a core dependency
@@ -66,11 +89,47 @@ class WandbTracker(Tracker):
                               name=run_name, id=self.run_id, resume="allow", mode=mode, dir=str(output_dir),
                               config=config, settings=wandb.Settings(quiet=True, console="off"))
         self._last_step = -1
+        # What the run already holds where it will be uploaded from: offline, the transaction logs
+        # of its earlier segments (online ones too: their rows went to the server); online, the
+        # server (its next step is `starting_step`) and earlier offline segments.
+        own_dir = Path(self.run.settings.sync_dir)
+        self.logged_through = max(
+            last_logged_step(own_dir.parent, self.run_id, exclude=own_dir, include_online=bool(self.run.offline)),
+            int(getattr(self.run, "starting_step", 0) or 0) - 1)
+        """Steps up to this one are not logged again (-1: none); see :meth:`log`."""
+        # The journal keeps exactly the rows after `logged_through`: those up to `resumed_step` are
+        # logged again now, later ones are computed again by this attempt.
+        self._journal_path = output_dir / f"tracker-rows-{self.run_id}.jsonl"
+        lost = [(s, row) for s, row in read_row_journal(self._journal_path) if self.logged_through < s <= resumed_step]
+        tmp = self._journal_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps({"step": s, "row": row}) + "\n" for s, row in lost))
+        os.replace(tmp, self._journal_path)
+        self._journal = open(self._journal_path, "a")
+        for s, row in lost:
+            self.run.log(row, step=s)
+            self._last_step = s
+        if self.logged_through >= 0 or lost:
+            log.info("W&B run %s: earlier segments hold steps up to %d; %d lost rows (steps %s) logged again "
+                     "from the row journal", self.run_id, self.logged_through, len({s for s, _ in lost}),
+                     f"{lost[0][0]}-{lost[-1][0]}" if lost else "none")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        # W&B drops re-logged steps (wandb#4482); after a resume we never go backwards anyway.
-        self.run.log(metrics, step=max(step, self._last_step))
-        self._last_step = max(step, self._last_step)
+        """Log at optimizer step ``step``; every call at one step goes into one row.
+
+        A step at or below :attr:`logged_through` is dropped: a resumed job repeats the steps after
+        its checkpoint, and the run's earlier segments already hold them with the same values (the
+        resume is exact), so the uploaded run keeps one row per step. A step below the previous one
+        is dropped as well (W&B would drop it with a warning, wandb#4482). The row's scalars go to
+        the row journal first (flushed to the OS, so they survive a SIGKILL).
+        """
+        if step <= self.logged_through or step < self._last_step:
+            return
+        scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
+        if scalars:
+            self._journal.write(json.dumps({"step": step, "row": scalars}) + "\n")
+            self._journal.flush()
+        self.run.log(metrics, step=step)
+        self._last_step = step
 
     def summary(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
@@ -78,9 +137,12 @@ class WandbTracker(Tracker):
 
     def log_eval_details(self, prefix: str, per_class_acc: list[float], confusion: list[list[int]],
                          class_names: list[str], samples: list[dict], step: int) -> None:
+        if step <= self.logged_through:
+            return  # the earlier segment holds this eval (see log); skip building its tables and images
         wandb = self._wandb
         names = class_names or [str(i) for i in range(len(per_class_acc))]
-        data: dict[str, Any] = {f"{prefix}/per_class_acc/{n}": a for n, a in zip(names, per_class_acc)}
+        # a class without val samples has accuracy NaN (not measured): omitted, never logged as 0
+        data: dict[str, Any] = {f"{prefix}/per_class_acc/{n}": a for n, a in zip(names, per_class_acc) if a == a}
         if len(names) <= MAX_CONFUSION_CLASSES:
             # wandb's confusion-matrix plot takes per-sample lists; expand the exact integer counts.
             y_true = [t for t, row in enumerate(confusion) for p, c in enumerate(row) for _ in range(c)]
@@ -98,6 +160,7 @@ class WandbTracker(Tracker):
         self.run.mark_preempting()
 
     def finish(self) -> None:
+        self._journal.close()
         self.run.finish()
 
 
@@ -121,12 +184,150 @@ def run_metadata() -> dict[str, Any]:
 
 
 def build_tracker(cfg: TrackerConfig, *, is_main: bool, run_name: str, output_dir: str | Path,
-                  config: dict[str, Any], run_id: Optional[str] = None) -> Tracker:
-    """The main process gets the configured backend; every other rank a no-op tracker."""
+                  config: dict[str, Any], run_id: Optional[str] = None, resumed_step: int = 0) -> Tracker:
+    """The main process gets the configured backend; every other rank a no-op tracker.
+
+    ``resumed_step`` is the optimizer step of the checkpoint the job resumed from (0 for a fresh
+    start): a resumed W&B run logs again the rows up to it that its killed attempt lost
+    (:class:`WandbTracker`).
+    """
     if not is_main or cfg.backend == "none" or os.environ.get("WANDB_MODE", cfg.mode) == "disabled":
         return Tracker()
     if cfg.group is None and "SLURM_ARRAY_JOB_ID" in os.environ:  # one W&B group per job array
         import dataclasses
 
         cfg = dataclasses.replace(cfg, group=f"array-{os.environ['SLURM_ARRAY_JOB_ID']}")
-    return WandbTracker(cfg, run_name=run_name, output_dir=Path(output_dir), config=config, run_id=run_id)
+    return WandbTracker(cfg, run_name=run_name, output_dir=Path(output_dir), config=config, run_id=run_id,
+                        resumed_step=resumed_step)
+
+
+# ---- what earlier segments of a run already hold ----------------------------------------------
+_LOG_HEADER = b":W&B\xe1\xbe\x00"  # identifier, magic 0xBEE1 (little-endian), store version 0
+_BLOCK = 32768
+_CHUNK_HEADER = 7  # crc32 (4) + length (2) + chunk type (1)
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def transaction_log_records(path: str | Path) -> Iterator[bytes]:
+    """The serialized ``wandb_internal.Record`` messages of a W&B transaction log (``run-<id>.wandb``),
+    in order, up to the first incomplete or corrupt one.
+
+    These are the records ``wandb sync`` uploads: the file is a LevelDB-style log (32 KiB blocks,
+    chunks with a 7-byte header: CRC-32 of type and payload, length, type FULL/FIRST/MIDDLE/LAST),
+    and wandb-core's reader stops a sync at a record cut off at the end of the file (what a killed
+    job leaves: offline, wandb writes a block when it is full), a checksum mismatch or a malformed
+    chunk. A file that does not start with the W&B header yields nothing.
+    """
+    with open(path, "rb") as f:
+        block = f.read(_BLOCK)
+        if not block.startswith(_LOG_HEADER):
+            return
+        pos, parts = len(_LOG_HEADER), None  # parts: chunks of the record being assembled
+        while True:
+            if pos + _CHUNK_HEADER > len(block):  # end of block (padding) or of the file
+                if len(block) < _BLOCK:
+                    return
+                block, pos = f.read(_BLOCK), 0
+                if not block:
+                    return
+                continue
+            crc, length, kind = struct.unpack_from("<IHB", block, pos)
+            if crc == 0 and length == 0 and kind == 0 and parts is None:
+                pos = len(block)  # a zeroed rest of block: wandb skips to the next block
+                continue
+            end = pos + _CHUNK_HEADER + length
+            if end > len(block) or zlib.crc32(block[pos + 6:end]) != crc:
+                return  # cut off or corrupt: wandb sync stops here
+            payload, pos = block[pos + _CHUNK_HEADER:end], end
+            if parts is None:
+                if kind == _FULL:
+                    yield payload
+                elif kind == _FIRST:
+                    parts = [payload]
+                # a MIDDLE/LAST chunk without its FIRST is skipped, as wandb's reader does
+            else:
+                parts.append(payload)
+                if kind in (_FULL, _LAST):
+                    yield b"".join(parts)
+                    parts = None
+
+
+def history_steps(path: str | Path) -> Iterator[int]:
+    """The ``_step`` of every history row in a W&B transaction log that ``wandb sync`` would upload
+    (:func:`transaction_log_records`), in file order."""
+    from google.protobuf.message import DecodeError
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in transaction_log_records(path):
+        record = pb.Record()
+        try:
+            record.ParseFromString(raw)
+        except DecodeError:
+            return  # wandb sync stops at a record it cannot parse
+        if record.WhichOneof("record_type") != "history":
+            continue
+        step = None
+        for item in record.history.item:
+            if item.key == "_step" and not item.nested_key:
+                if item.value_json:
+                    step = int(json.loads(item.value_json))
+                elif item.WhichOneof("value") in ("integer", "number"):
+                    step = int(getattr(item, item.WhichOneof("value")))
+        if step is None and record.history.HasField("step"):
+            step = record.history.step.num
+        if step is not None:
+            yield step
+
+
+def last_logged_step(wandb_dir: str | Path, run_id: str, *, exclude: Optional[str | Path] = None,
+                     include_online: bool = True) -> int:
+    """The highest step that the segments of run ``run_id`` under ``wandb_dir`` (its
+    ``offline-run-*-<id>`` directories and, with ``include_online``, its ``run-*-<id>`` ones; not the
+    run directory ``exclude``) hold in their transaction logs; -1 when they hold none.
+
+    Read from wandb's own files, so it counts exactly the rows a sync uploads: a row that a
+    killed job had logged but wandb had not yet written is not counted, and is logged again by
+    the resumed job.
+    """
+    skip = Path(exclude).resolve() if exclude is not None else None
+    last = -1
+    for path in sorted(Path(wandb_dir).glob(f"*/run-{run_id}.wandb")):
+        if (skip is not None and path.parent.resolve() == skip) or \
+                not (include_online or path.parent.name.startswith("offline-")):
+            continue
+        for step in history_steps(path):
+            last = max(last, step)
+    return last
+
+
+def read_row_journal(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(step, scalars)`` of every complete line of a row journal (:class:`WandbTracker`), in
+    order; [] when there is none. A line cut off by a kill is ignored (W&B never got that row)."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return rows
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            rows.append((int(entry["step"]), dict(entry["row"])))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return rows
+
+
+def _scalar(value: Any) -> Any:
+    """``value`` as a JSON scalar (bool, int, float, str; numpy and 0-d torch scalars converted),
+    or None for media, tables and plots."""
+    import numbers
+
+    if isinstance(value, (bool, str)):
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and not isinstance(value, numbers.Number):
+        value = value.item()
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
