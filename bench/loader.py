@@ -9,6 +9,10 @@ Variants, measured interleaved in one run (A B C.., ..C B A, A B C), ``--repeats
                   consuming process (``Normalizer``): the like-for-like counterpart of ImageFolder's
                   float, normalized batches.
 * ``shard-tv``    the same loader with ``data.decode=torchvision``.
+* ``shard-nvjpeg`` the same loader with ``data.decode=nvjpeg``, the consumer decoding + cropping each batch
+                  with ``images_on(batch, "cpu")`` (one torch thread): the device path run on the CPU, NOT
+                  a GPU figure (``bench/gpu_check.py`` takes that); its img/CPU-second vs ``shard-tv`` is the
+                  work the header-only workers + batched decode add or save.
 * ``imagefolder`` ``torchvision.datasets.ImageFolder`` + ``DataLoader(shuffle=True)``, same W and B,
                   the torchvision reference transforms (RandomResizedCrop(224) + RandomHorizontalFlip +
                   ToTensor + Normalize): float32 batches cross the process boundary.
@@ -61,7 +65,7 @@ def proc_cpu_seconds(pids) -> float:
         except (OSError, IndexError, ValueError):
             pass
     return total
-VARIANTS = ("shard", "shard+norm", "shard-tv", "imagefolder", "ceiling", "ceiling-tv")
+VARIANTS = ("shard", "shard+norm", "shard-tv", "shard-nvjpeg", "imagefolder", "ceiling", "ceiling-tv")
 
 # ---------------------------------------------------------------------------------------
 # ceiling: decode + augment in a process pool on in-memory bytes
@@ -141,6 +145,7 @@ def _time_batches(it, warmup: int, batches: int, pids, consume=None) -> tuple[fl
 def run_shard(shards: str, workers: int, batch: int, warmup: int, batches: int, decode: str, normalize: bool,
               seed: int) -> tuple[float, float]:
     from tldist.config import DataConfig
+    from tldist.data.device_decode import images_on
     from tldist.data.pipeline import build_train_loader
     from tldist.data.transforms import Normalizer
     from tldist.world import World
@@ -150,8 +155,9 @@ def run_shard(shards: str, workers: int, batch: int, warmup: int, batches: int, 
     norm = Normalizer() if normalize else None
     try:
         it = iter(loader)
+        consume = (lambda b: norm(images_on(b, "cpu"))) if norm else (lambda b: images_on(b, "cpu"))
         return _time_batches(it, warmup, batches, lambda: [w.pid for w in loader._it._workers],  # noqa: SLF001
-                             (lambda b: norm(b["image"])) if norm else None)
+                             consume if norm or decode == "nvjpeg" else None)
     finally:
         loader.close()
 
@@ -223,6 +229,8 @@ def main(argv=None) -> int:
             elif v == "shard-tv":
                 ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "torchvision", False,
                                          seed)
+            elif v == "shard-nvjpeg":
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "nvjpeg", False, seed)
             elif v == "imagefolder":
                 ips, per_cpu = run_imagefolder(info["images"], a.workers, a.batch, a.warmup, a.batches, seed)
             elif v == "ceiling":
@@ -254,6 +262,7 @@ def main(argv=None) -> int:
     rows = [ratio("shard", "ceiling", "0.9"), ratio("shard", "imagefolder", "1.0"),
             ratio("shard+norm", "ceiling"), ratio("shard+norm", "imagefolder", "1.0"),
             ratio("shard-tv", "ceiling-tv", "0.9"), ratio("shard-tv", "ceiling"), ratio("shard-tv", "imagefolder"),
+            ratio("shard-nvjpeg", "shard-tv"), ratio("shard-nvjpeg", "ceiling-tv"),
             ratio("imagefolder", "ceiling"), ratio("ceiling-tv", "ceiling")]
     print("\n## Ratios (per repeat, median [min-max]): wall-clock img/s, and images per CPU-second\n")
     print(table(["ratio", "wall", "met", "per CPU-second", "met", "target"], [r for r in rows if r is not None]))

@@ -158,6 +158,36 @@ def _first_bn_reference(teacher: Path, target: Path) -> tuple[torch.Tensor, torc
     return x.mean(1), x.var(1, unbiased=True)
 
 
+def test_adabn_uses_the_exports_preprocessing(tiny_shards, tmp_path):
+    """An export whose model.json says resize 16 for 16 px (crop_pct 1.0): the target statistics are
+    those of the images as they are, not of images resized to 18 (0.875) as every model used to get."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from test_evaluate import samples_of
+    from tldist.adapt.adabn import adabn
+    from tldist.config import ModelConfig
+    from tldist.data.transforms import Normalizer
+    from tldist.export import write_export
+    from tldist.models.factory import build_model
+
+    torch.manual_seed(0)
+    model, info = build_model(ModelConfig(name="resnet18", pretrained=False), 4, image_size=16)
+    pre = {"image_size": 16, "resize": 16, "mean": list(info.mean), "std": list(info.std), "interpolation": "bilinear"}
+    write_export(model, {"model": "resnet18", "num_classes": 4, "classes": ["c0", "c1", "c2", "c3"],
+                         "preprocess": pre}, tmp_path / "m")
+    adabn(str(tmp_path / "m"), str(tiny_shards / "val"), str(tmp_path / "a"), batch_size=32, num_workers=0)
+    raw = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(d)).convert("RGB")).copy()).permute(2, 0, 1)
+                       for _, d, _ in samples_of(tiny_shards / "val")])
+    with torch.no_grad():
+        ref = model.eval().conv1(Normalizer(pre["mean"], pre["std"])(raw)).double().mean((0, 2, 3))  # bn1's input
+    torch.testing.assert_close(load_file(str(tmp_path / "a" / "model.safetensors"))["bn1.running_mean"].double(), ref,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_adabn_two_processes_exact(work, tmp_path):
     from safetensors.torch import load_file
 

@@ -73,6 +73,7 @@ def cfg_for(val: Path, *extra: str):
     return load_config(str(REPO / "configs/test_tiny.yaml"), [f"data.val={val}", *TINY, *extra])
 
 
+@pytest.mark.slow
 def test_every_val_set_is_scored_under_its_own_name(trained):
     """``/x/a/shards/val`` and ``/x/b/shards/val`` used to share the name ``shards/val``: one was dropped."""
     r = trained["result"]
@@ -81,6 +82,7 @@ def test_every_val_set_is_scored_under_its_own_name(trained):
     assert "eval/shards/val/count" not in r
 
 
+@pytest.mark.slow
 def test_eval_cli_scores_by_class_name_like_training(trained, tmp_path):
     """A val set written with the classes listed in reverse (c3,c2,c1,c0): same top-1 and loss as
     training's own eval of the same samples, from ``tldist eval`` on the step dir."""
@@ -94,6 +96,7 @@ def test_eval_cli_scores_by_class_name_like_training(trained, tmp_path):
     assert "(101 samples)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_export_run_dir_and_weights_file_score_alike(trained, tmp_path):
     """The class list comes from model.json for an export; a run dir resolves to its best checkpoint;
     a bare weights file records none and follows data.train's classes (what training built)."""
@@ -115,6 +118,7 @@ def test_export_run_dir_and_weights_file_score_alike(trained, tmp_path):
     assert got["top1"] == pytest.approx(best["metric"], abs=1e-9) and best["metric"] == r["best_top1"]
 
 
+@pytest.mark.slow
 def test_val_set_with_a_subset_of_classes_is_scored(trained, tmp_path):
     """Only c3 and c1 (written in that order): scored on the model's classes c1 and c3; the classes
     absent from the set have per-class accuracy NaN, not 0."""
@@ -134,6 +138,7 @@ def test_val_set_with_a_subset_of_classes_is_scored(trained, tmp_path):
     assert got["top1"] == pytest.approx(100.0 * hits / n)
 
 
+@pytest.mark.slow
 def test_val_set_with_unknown_classes_is_refused(trained, tmp_path):
     from tldist.evaluate import evaluate_checkpoint
 
@@ -147,6 +152,7 @@ def test_val_set_with_unknown_classes_is_refused(trained, tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_wrong_model_name_is_named(trained):
     from tldist.errors import UserError
     from tldist.evaluate import evaluate_checkpoint

@@ -83,32 +83,34 @@ def last_step(segment: Path) -> int:
     return max((row["_step"] for row in read_segment(segment)["history"]), default=-1)
 
 
-def run_attempt(cmd: list[str], env: dict, out: Path, log: Path, kill_when=None) -> tuple[Path, int, int]:
-    """Run one attempt of the job. With ``kill_when(held, checkpoint)``: each time a checkpoint
-    completes or wandb writes a block of this attempt's segment, stop the job (SIGSTOP), read the
-    segment with wandb's reader, and SIGKILL the job when ``kill_when`` says so. Returns
-    (segment, steps it holds through, latest checkpoint) at the kill (or at the end)."""
+def run_attempt(cmd: list[str], env: dict, out: Path, log: Path, kill_when=None, on: str = "") -> tuple[Path, int, int]:
+    """Run one attempt of the job; returns (its segment, the last step the segment holds, the latest
+    checkpoint) at the kill, or at the end when ``kill_when`` is None.
+
+    With ``kill_when(held, checkpoint)``: on each event ``on`` (``"block"``: wandb wrote another
+    block of this attempt's segment; ``"checkpoint"``: a checkpoint completed, once the segment
+    holds a block), stop the job (SIGSTOP), read the segment with wandb's reader, and SIGKILL the
+    job if ``kill_when`` says so, else let it go on (SIGCONT).
+    """
     earlier = set(out.glob("wandb/offline-run-*/run-*.wandb"))
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-    seen, deadline = None, time.time() + 400
-    t00 = time.time()
+    seen, deadline = None, time.time() + 600
     try:
         while proc.poll() is None and kill_when is not None:
-            assert time.time() < deadline, "attempt did not reach the wanted state"
+            assert time.time() < deadline, "the attempt never reached the wanted state"
             segment = next((p for p in out.glob("wandb/offline-run-*/run-*.wandb") if p not in earlier), None)
-            state = (latest_checkpoint(out), segment.stat().st_size if segment else -1)
-            if segment is None or state == seen:
+            size = segment.stat().st_size if segment else 0
+            event = size // 32768 if on == "block" else latest_checkpoint(out) if size >= 32768 else None
+            if not event or event == seen:
                 time.sleep(0.02)
                 continue
-            seen = state
-            os.killpg(proc.pid, signal.SIGSTOP)  # the job (wandb's service lives in its own group)
-            size = -1
-            while size != segment.stat().st_size:  # wandb-core finishes writing what it already got
+            seen = event
+            os.killpg(proc.pid, signal.SIGSTOP)  # the job (wandb's service runs in its own process group)
+            while size != segment.stat().st_size or size == 0:  # wandb finishes writing what it already got
                 size = segment.stat().st_size
-                time.sleep(0.3)
+                time.sleep(0.2)
             held, ckpt = last_step(segment), latest_checkpoint(out)
-            print("DBG", round(time.time() - t00, 1), held, ckpt, flush=True)
             if kill_when(held, ckpt):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
@@ -138,11 +140,13 @@ def test_killed_and_resumed_offline_run_syncs_one_row_per_step(tiny_shards, tmp_
     cmd = [sys.executable, "-m", "tldist.cli", "train", "configs/test_tiny.yaml", f"data.train=[{tiny_shards}/train]",
            f"data.val={tiny_shards}/val", f"output_dir={out}", *KILL_RESUME]
 
-    seg1, held1, ckpt1 = run_attempt(cmd, env, out, tmp_path / "attempt1.log",
+    seg1, held1, ckpt1 = run_attempt(cmd, env, out, tmp_path / "attempt1.log", on="block",
                                      kill_when=lambda held, ckpt: ckpt >= 50 and held > ckpt)
+    print("attempt 1 killed: holds", held1, "checkpoint", ckpt1)
     assert 50 <= ckpt1 < held1 < 200  # attempt 2 resumes at ckpt1 and computes ckpt1+1..held1 again
-    seg2, held2, ckpt2 = run_attempt(cmd, env, out, tmp_path / "attempt2.log",
+    seg2, held2, ckpt2 = run_attempt(cmd, env, out, tmp_path / "attempt2.log", on="checkpoint",
                                      kill_when=lambda held, ckpt: held > held1 and ckpt > held)
+    print("attempt 2 killed: holds", held2, "checkpoint", ckpt2)
     assert held1 < held2 < ckpt2 < 200  # steps held2+1..ckpt2 are in no segment: the journal has them
     seg3, held3, _ = run_attempt(cmd, env, out, tmp_path / "attempt3.log")
     assert held3 == 200
@@ -152,7 +156,10 @@ def test_killed_and_resumed_offline_run_syncs_one_row_per_step(tiny_shards, tmp_
     assert len({s["run_id"] for s in segments}) == 1
     steps = [[row["_step"] for row in s["history"]] for s in segments]
     uploaded = [step for seg_steps in steps for step in seg_steps]
-    assert uploaded == list(range(1, 201)), "each step 1..200 exactly once, in order"
+    twice = sorted({step for step in uploaded if uploaded.count(step) > 1})
+    missing = sorted(set(range(1, 201)) - set(uploaded))
+    assert not twice and not missing, f"logged more than once: {twice}; in no segment: {missing}"
+    assert uploaded == list(range(1, 201))
     assert steps[1][0] == held1 + 1 and steps[2][0] == held2 + 1
     for row in segments[2]["history"][:ckpt2 - held2]:  # logged again from the journal: the scalars
         assert {"train/loss", "train/lr", "train/grad_norm"} <= set(row)
@@ -163,3 +170,45 @@ def test_killed_and_resumed_offline_run_syncs_one_row_per_step(tiny_shards, tmp_
 
     for s, seg_steps in zip(segments, steps):
         assert list(history_steps(s["path"])) == seg_steps
+
+
+READER_RUN = """
+import sys, wandb
+run = wandb.init(project="p", id="reader", mode="offline", dir=sys.argv[1],
+                 settings=wandb.Settings(quiet=True, console="off"))
+for s in range(1, 121):  # rows of ~0.5 KiB; every 40th with an 80 KB value (a record over three blocks)
+    run.log({"x": s, "pad": "p" * 400, **({"big": "z" * 80000} if s % 40 == 0 else {})}, step=s)
+run.finish()
+"""
+
+
+def test_transaction_log_reader_reads_what_wandb_reads(tmp_path):
+    """tldist's reader of wandb's transaction logs (it decides which steps a resumed run skips)
+    sees exactly the history rows wandb's own reader sees in a log cut at any point (what a kill
+    leaves: a record cut off, a chunk header cut off, a block boundary), and stops at a corrupt
+    chunk as `wandb sync` does."""
+    from tldist.train.tracking import history_steps
+
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-c", READER_RUN, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = next(tmp_path.glob("wandb/offline-run-*/run-reader.wandb")).read_bytes()
+    big = full.index(b"z" * 1000)
+
+    def steps(data: bytes, name: str) -> tuple[list[int], list[int]]:
+        cut = tmp_path / "cut" / name / "run-reader.wandb"
+        cut.parent.mkdir(parents=True)
+        cut.write_bytes(data)
+        return list(history_steps(cut)), [row["_step"] for row in read_segment(cut)["history"]]
+
+    mine, wandbs = steps(full, "full")
+    assert mine == wandbs == list(range(1, 121))
+    for at in (32768, 32768 + 3, 40000, big + 40000, len(full) - 1):
+        mine, wandbs = steps(full[:at], f"cut{at}")
+        assert mine == wandbs and mine == list(range(1, len(mine) + 1)), f"cut at byte {at}"
+    # a corrupt chunk: wandb's reader skips to the next block, but `wandb sync` stops there
+    # (core/internal/runsync/runreader.go), so tldist counts the rows before it only
+    corrupt = tmp_path / "corrupt.wandb"
+    corrupt.write_bytes(full[:40000] + bytes([full[40000] ^ 0xFF]) + full[40001:])
+    assert list(history_steps(corrupt)) == steps(full[:40000], "c")[1]

@@ -16,6 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# raw serialized records of one .wandb file (tests/test_launch.py reads the run record with it)
+from tldist.train.tracking import transaction_log_records as _records  # noqa: F401
+
 
 def _wandb_cli() -> list[str]:
     exe = Path(sys.executable).with_name("wandb")

@@ -56,7 +56,9 @@ class DataConfig:
     """Declared epoch size in samples; 0 means the manifests' total (required with ``resampled``)."""
     decode: str = "pil"
     """Image decoder in loader workers: ``pil`` or ``torchvision`` (torchvision.io.decode_image for JPEG/PNG/WebP,
-    PIL for other formats); both give the same pixels (rule in :mod:`tldist.data.transforms`)."""
+    PIL for other formats); both give the same pixels (rule in :mod:`tldist.data.transforms`). ``nvjpeg``: JPEGs are
+    decoded, cropped and resized by the trainer on its device (nvjpeg on CUDA), others as ``torchvision``
+    (:mod:`tldist.data.device_decode`)."""
     max_skip_fraction: float = 0.01
     """Stop the run when more than this fraction of samples read so far failed to decode."""
     pin_memory: bool = True
@@ -212,7 +214,7 @@ class JobConfig:
             _bad("data.train_crop_scale", d.train_crop_scale, "use [min, max] with 0 < min <= max <= 1")
         if d.resampled and d.samples_per_epoch <= 0:
             _bad("data.samples_per_epoch", d.samples_per_epoch, "set a positive epoch size when data.resampled=true")
-        _choice("data.decode", d.decode, ("pil", "torchvision"))
+        _choice("data.decode", d.decode, ("pil", "torchvision", "nvjpeg"))
         if not 0 <= d.max_skip_fraction < 1:
             _bad("data.max_skip_fraction", d.max_skip_fraction, "use a fraction in [0, 1)")
         _choice("model.heads", self.model.heads, ("merged", "separate"))

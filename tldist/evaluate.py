@@ -39,6 +39,7 @@ def evaluate_checkpoint(cfg: JobConfig, checkpoint: str) -> dict[str, Any]:
     a multi-task checkpoint or a ``model.name`` that is not the checkpoint's, :class:`DataError` for
     val classes the model does not know.
     """
+    from tldist.data.device_decode import images_on
     from tldist.data.manifest import load_manifest
     from tldist.data.pipeline import build_eval_loader
     from tldist.data.transforms import Normalizer, eval_preprocess, preprocess_crop_pct
@@ -79,7 +80,7 @@ def evaluate_checkpoint(cfg: JobConfig, checkpoint: str) -> dict[str, Any]:
     acc = EvalAccumulator(num_classes, accelerator.device)
     with accelerator.autocast():
         for batch in loader:
-            logits = model(normalize(batch["image"].to(accelerator.device)))
+            logits = model(normalize(images_on(batch, accelerator.device)))
             acc.update(logits, batch["label"].to(accelerator.device), batch["mask"].to(accelerator.device))
     result = acc.compute()
     result["classes"] = list(classes or [])

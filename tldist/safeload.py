@@ -101,6 +101,6 @@ def load_pickle_free(path: str | Path, *, what: str, allow: Sequence[Any] = (), 
                         f"({_reason(str(e))})") from None
     except EOFError:
         raise UserError(f"{what} '{path}' could not be read: the file is empty or truncated") from None
-    except (RuntimeError, OSError, ValueError, KeyError, AttributeError, TypeError, IndexError) as e:
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, struct.error, KeyError... for junk
         raise UserError(f"{what} '{path}' could not be read ({type(e).__name__}: {_reason(str(e))}); "
                         "the file is truncated or not a torch.save file") from None

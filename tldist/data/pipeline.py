@@ -276,8 +276,8 @@ def _check(cfg: DataConfig) -> None:
         raise ConfigError(f"config key 'data.batch_size' has bad value {cfg.batch_size}: must be > 0")
     if cfg.num_workers < 0:
         raise ConfigError(f"config key 'data.num_workers' has bad value {cfg.num_workers}: must be >= 0")
-    if cfg.decode not in ("pil", "torchvision"):
-        raise ConfigError(f"config key 'data.decode' has bad value {cfg.decode!r}: choose pil or torchvision")
+    if cfg.decode not in ("pil", "torchvision", "nvjpeg"):
+        raise ConfigError(f"config key 'data.decode' has bad value {cfg.decode!r}: choose pil, torchvision or nvjpeg")
 
 
 def build_train_loader(cfg: DataConfig, world: World, *, image_size: int, interpolation: str = "bilinear",

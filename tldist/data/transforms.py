@@ -252,9 +252,18 @@ class TrainTransform:
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The augmented uint8 [3, S, S] image, written into ``out`` when given."""
         rng = rng if rng is not None else random.Random()
-        width, height = image_size_of(img)
+        return self.apply(img, self.draw(*image_size_of(img), rng), out)
+
+    def draw(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int, bool]:
+        """``(top, left, h, w, flip)`` for a ``width`` x ``height`` px image: all of this transform's draws from
+        ``rng``, in order (``data.decode=nvjpeg`` workers draw them from the JPEG header alone)."""
         top, left, h, w = random_resized_crop_params(width, height, self.crop_scale, rng)
-        flip = self.hflip and rng.random() < 0.5
+        return top, left, h, w, self.hflip and rng.random() < 0.5
+
+    def apply(self, img: DecodedImage, params: Sequence, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``img`` cropped to ``params`` (from :meth:`draw`), resized to S x S and maybe flipped: uint8
+        [3, S, S] on ``img``'s device, written into ``out`` when given."""
+        top, left, h, w, flip = (int(v) for v in params)
         size = self.image_size
         if isinstance(img, Image.Image):
             # PIL resizes straight from the crop box: one pass, no intermediate copy

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Optional, Sequence
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tldist.data.device_decode import JpegRows, worker_decoder
 from tldist.data.manifest import IMAGE_EXTS
 from tldist.data.stream import (Record, SlotStream, SourceSpec, Throttle, mixed_records, range_segments,
                                 read_segments, slot_range)
@@ -36,9 +38,11 @@ class SampleError(Exception):
 
 
 def decode_record(rec: Record, decoder: str, transform, rng: Optional[random.Random], num_classes: int,
-                  label_map: Optional[Sequence[int]], out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
+                  label_map: Optional[Sequence[int]], out: Optional[torch.Tensor] = None,
+                  defer: Optional[Callable[[bytes, Optional[random.Random]], bool]] = None) -> tuple[torch.Tensor, int]:
     """Raw record -> (uint8 [3,H,W] image, label), the image written into ``out`` when given.
-    Raises :class:`SampleError` with the reason."""
+    ``defer(bytes, rng)`` may take the image instead (``JpegRows.add``: left for the trainer's device;
+    ``out`` is then untouched). Raises :class:`SampleError` with the reason."""
     if not rec.ok:
         raise SampleError(rec.error or "unreadable")  # "the shard cannot be read (...)"
     raw_label = rec.fields.get("cls")
@@ -54,7 +58,8 @@ def decode_record(rec: Record, decoder: str, transform, rng: Optional[random.Ran
     if ext is None:
         raise SampleError(f"no image member (looked for {', '.join(IMAGE_EXTS)}; found {sorted(rec.fields)})")
     try:
-        image = transform(decode_image(rec.fields[ext], decoder), rng, out=out)
+        data = rec.fields[ext]
+        image = out if defer is not None and defer(data, rng) else transform(decode_image(data, decoder), rng, out=out)
     except Exception as e:  # PIL/torchvision raise many types for corrupt bytes
         raise SampleError(f"cannot decode .{ext} ({type(e).__name__}: {e})") from None
     return image, (label_map[label] if label_map is not None else label)
@@ -160,6 +165,7 @@ class TrainDataset(IterableDataset):
         read, skipped, since_batch = int(st["read"]), int(st["skipped"]), 0
         throttle, bs, size = Throttle(), self.batch_size, self.transform.image_size
         pool = BatchPool(self.free[w] if self.free is not None else None, bs, size)
+        jpeg = JpegRows(self.transform) if self.decoder == "nvjpeg" else None  # JPEGs decoded by the trainer
         (images, buf), filled = pool.take(), 0
         labels: list[int] = []
         keys: list[str] = []
@@ -170,8 +176,9 @@ class TrainDataset(IterableDataset):
             # -- decode + augment; the augmentation RNG is keyed by the record's stream position
             rng = random.Random(f"{self.seed}/{s}/{slot}/{pos}")
             try:
-                _, label = decode_record(rec, self.decoder, self.transform, rng, self.num_classes[s],
-                                         self.label_maps[s], out=images[filled])
+                _, label = decode_record(rec, worker_decoder(self.decoder), self.transform, rng, self.num_classes[s],
+                                         self.label_maps[s], out=images[filled],
+                                         defer=None if jpeg is None else partial(jpeg.add, filled))
             except SampleError as e:
                 skipped += 1
                 throttle.warn(f"skipping {rec.describe()} of shard {rec.url}: {e}")
@@ -188,7 +195,7 @@ class TrainDataset(IterableDataset):
                 yield {"image": images, "label": torch.tensor(labels, dtype=torch.int64),
                        "key": keys, "source": torch.tensor(srcs, dtype=torch.int64),
                        "_worker": w, "_buf": buf, "_pos": self.pos_value(positions, mix), "_read": read,
-                       "_skipped": skipped}
+                       "_skipped": skipped, **(jpeg.take() if jpeg is not None else {})}
                 (images, buf), filled = pool.take(), 0
                 labels, keys, srcs, since_batch = [], [], [], 0
 
@@ -222,6 +229,7 @@ class EvalDataset(IterableDataset):
         records = read_segments(self.source, range_segments(self.source.counts, range(self.source.num_shards), lo, hi))
         throttle, bs, size = Throttle(), self.batch_size, self.image_size
         read = skipped = 0
+        jpeg = JpegRows(self.transform) if self.decoder == "nvjpeg" else None  # JPEGs decoded by the trainer
         for start in range(lo, hi, bs):
             # -- fixed-shape batch: failed and padding rows are zero images with mask False
             n = min(bs, hi - start)
@@ -234,12 +242,13 @@ class EvalDataset(IterableDataset):
                 read += 1
                 keys[i] = rec.key or ""
                 try:
-                    _, labels[i] = decode_record(rec, self.decoder, self.transform, None, self.num_classes,
-                                                 self.label_map, out=images[i])
+                    _, labels[i] = decode_record(rec, worker_decoder(self.decoder), self.transform, None,
+                                                 self.num_classes, self.label_map, out=images[i],
+                                                 defer=None if jpeg is None else partial(jpeg.add, i))
                     mask[i] = True
                 except SampleError as e:
                     images[i].zero_()  # failed rows stay zero images
                     skipped += 1
                     throttle.warn(f"eval: {rec.describe()} of shard {rec.url} counted as failed: {e}")
             yield {"image": images, "label": labels, "mask": mask, "key": keys,
-                   "_worker": j, "_read": read, "_skipped": skipped}
+                   "_worker": j, "_read": read, "_skipped": skipped, **(jpeg.take() if jpeg is not None else {})}

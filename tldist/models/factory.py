@@ -159,7 +159,8 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int, arch
                     setattr(model, n, None)
     else:
         build = {"image_size": size} if is_vit else {}
-        build.update({"aux_logits": False, "init_weights": True} if aux else {})
+        # init_weights: torchvision's (slow) truncated-normal init, pointless when a checkpoint overwrites it
+        build.update({"aux_logits": False, "init_weights": not cfg.checkpoint} if aux else {})
         model = _tv_get_model(cfg.name, {**build, **kwargs}, where)
     head = _torchvision_head(model)
     _replace_head(model, head, num_classes)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from tldist.config import CheckpointConfig, TrainConfig
+from tldist.data.device_decode import images_on
 from tldist.train.checkpoint import CheckpointManager
 from tldist.errors import DataError
 from tldist.train.distributed import STOP_DATA_FAULT, STOP_PREEMPT, StopVote, average_buffers
@@ -120,7 +121,7 @@ class Trainer:
         return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.normalize(batch["image"].to(self.device, non_blocking=True))
+        images = self.normalize(images_on(batch, self.device))  # data.decode=nvjpeg decodes here
         return images, batch["label"].to(self.device, non_blocking=True)
 
     def _clip(self) -> torch.Tensor:
@@ -392,7 +393,7 @@ def _sample_predictions(batch: dict, logits: torch.Tensor, class_names: list[str
     for j in torch.nonzero(batch["mask"]).flatten().tolist()[:limit]:
         conf, pred = probs[j].max(0)
         label = int(batch["label"][j])
-        out.append({"image": batch["image"][j].permute(1, 2, 0).numpy(), "key": batch["key"][j],
+        out.append({"image": batch["image"][j].cpu().permute(1, 2, 0).numpy(), "key": batch["key"][j],
                     "label": class_names[label] if class_names else label,
                     "pred": class_names[int(pred)] if class_names else int(pred), "confidence": float(conf)})
     return out

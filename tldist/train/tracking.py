@@ -7,9 +7,11 @@ Offline runs land in ``<output_dir>/wandb/offline-run-*``, one segment per attem
 A resumed job repeats the steps between its checkpoint and the kill. So that the uploaded run
 holds one row per step, :class:`WandbTracker` reads the transaction logs (``run-<id>.wandb``) of
 the run's earlier segments when it starts and does not log again a step they already hold
-(:func:`last_logged_step`): the segments cover disjoint step ranges, and uploading them oldest
-first (``WANDB_RESUME=allow wandb sync <output_dir>/wandb/offline-run-*``; README, "Experiment
-tracking") gives one value per step. The resumed job is exact, so the skipped values are the same.
+(:func:`last_logged_step`; the resumed job is exact, so the skipped values are the same), and
+logs again, from its row journal, the steps up to the checkpoint that a killed attempt had logged
+but wandb had not yet written. The segments cover disjoint step ranges; uploaded oldest first
+(``WANDB_RESUME=allow wandb sync <output_dir>/wandb/offline-run-*``; README, "Tracking") they
+give one value per step.
 """
 
 from __future__ import annotations
@@ -286,8 +288,8 @@ def last_logged_step(wandb_dir: str | Path, run_id: str, *, exclude: Optional[st
     run directory ``exclude``) hold in their transaction logs; -1 when they hold none.
 
     Read from wandb's own files, so it counts exactly the rows a sync uploads: a row that a
-    killed job had logged but wandb had not yet written is not counted, and is logged again by
-    the resumed job.
+    killed job had logged but wandb had not yet written is not counted, so the resumed job logs
+    it (computed again, or from the row journal when it is at or before its checkpoint).
     """
     skip = Path(exclude).resolve() if exclude is not None else None
     last = -1
