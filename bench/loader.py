@@ -10,9 +10,15 @@ Variants, measured interleaved in one run (A B C.., ..C B A, A B C), ``--repeats
                   float, normalized batches.
 * ``shard-tv``    the same loader with ``data.decode=torchvision``.
 * ``shard-nvjpeg`` the same loader with ``data.decode=nvjpeg``, the consumer decoding + cropping each batch
-                  with ``images_on(batch, "cpu")`` (one torch thread): the device path run on the CPU, NOT
-                  a GPU figure (``bench/gpu_check.py`` takes that); its img/CPU-second vs ``shard-tv`` is the
-                  work the header-only workers + batched decode add or save.
+                  with ``images_on(batch, DEVICE)``. With the default ``--device cpu`` (one torch thread) this
+                  is the device path run on the CPU, NOT a GPU figure; its img/CPU-second vs ``shard-tv`` is the
+                  work the header-only workers + batched decode add or save. ``--device cuda`` decodes on the
+                  GPU (nvjpeg; ``bench/gpu_check.py`` runs it so).
+
+``--device cuda``: every ``shard*`` consumer puts each batch on the GPU with ``images_on(batch, "cuda")``
+(the trainer's own call: a host-to-device copy of the uint8 batch, or the nvjpeg decode + crop), the
+``+norm`` variant normalizes there, and each timed window ends with ``torch.cuda.synchronize()``; so
+``shard-tv`` vs ``shard-nvjpeg`` compares uint8 batches *on the GPU* at the same worker count.
 * ``imagefolder`` ``torchvision.datasets.ImageFolder`` + ``DataLoader(shuffle=True)``, same W and B,
                   the torchvision reference transforms (RandomResizedCrop(224) + RandomHorizontalFlip +
                   ToTensor + Normalize): float32 batches cross the process boundary.
@@ -36,7 +42,7 @@ count batches that were made during the warm-up and overstate the rate up to W-f
 processes, the consumer included, use one torch thread. Ratios are taken per repeat, then the
 median and spread over repeats is reported. Usage::
 
-    python bench/loader.py [--batches 30] [--repeats 3] [--quick]
+    python bench/loader.py [--batches 30] [--repeats 3] [--device cpu|cuda] [--json OUT.json] [--quick]
 """
 
 from __future__ import annotations
@@ -123,12 +129,17 @@ class Ceiling:
 # loaders
 # ---------------------------------------------------------------------------------------
 
-def _time_batches(it, warmup: int, batches: int, pids, consume=None) -> tuple[float, float]:
-    """(images/s, images per CPU-second of the workers and this process) over ``batches`` batches."""
+def _time_batches(it, warmup: int, batches: int, pids, consume=None, sync=None) -> tuple[float, float]:
+    """(images/s, images per CPU-second of the workers and this process) over ``batches`` batches.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before the clock starts and before it stops,
+    so that work a consumer queued on a device is inside the window."""
     for _ in range(warmup):
         b = next(it)
         if consume is not None:
             consume(b)
+    if sync is not None:
+        sync()
     worker_pids = pids()
     n = 0
     c0, t0 = proc_cpu_seconds(worker_pids), time.perf_counter()
@@ -138,12 +149,18 @@ def _time_batches(it, warmup: int, batches: int, pids, consume=None) -> tuple[fl
             consume(b)
         img = b["image"] if isinstance(b, dict) else b[0]
         n += img.shape[0]
+    if sync is not None:
+        sync()
     wall, cpu = time.perf_counter() - t0, proc_cpu_seconds(worker_pids) - c0
     return n / wall, n / cpu
 
 
 def run_shard(shards: str, workers: int, batch: int, warmup: int, batches: int, decode: str, normalize: bool,
-              seed: int) -> tuple[float, float]:
+              seed: int, device: str = "cpu") -> tuple[float, float]:
+    """(images/s, images per CPU-second) of tldist's train loader; on a ``device`` other than the CPU
+    every batch is put there by ``images_on`` (nvjpeg: decoded there) and timing windows are synchronized."""
+    import torch
+
     from tldist.config import DataConfig
     from tldist.data.device_decode import images_on
     from tldist.data.pipeline import build_train_loader
@@ -152,12 +169,14 @@ def run_shard(shards: str, workers: int, batch: int, warmup: int, batches: int, 
 
     cfg = DataConfig(train=[shards], batch_size=batch, num_workers=workers, decode=decode, seed=seed)
     loader = build_train_loader(cfg, World(), image_size=IMAGE_SIZE, recycle_batches=True)  # as the trainer does
-    norm = Normalizer() if normalize else None
+    norm = Normalizer(device=device) if normalize else None  # conversion where the batch is, as the trainer
+    on_device = torch.device(device).type != "cpu"
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     try:
         it = iter(loader)
-        consume = (lambda b: norm(images_on(b, "cpu"))) if norm else (lambda b: images_on(b, "cpu"))
+        consume = (lambda b: norm(images_on(b, device))) if norm else (lambda b: images_on(b, device))
         return _time_batches(it, warmup, batches, lambda: [w.pid for w in loader._it._workers],  # noqa: SLF001
-                             consume if norm or decode == "nvjpeg" else None)
+                             consume if norm or decode == "nvjpeg" or on_device else None, sync)
     finally:
         loader.close()
 
@@ -193,6 +212,8 @@ def main(argv=None) -> int:
                    help="timed batches per measurement (rounded up to a multiple of --workers)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--device", default="cpu", help="where shard* consumers put batches (cpu, cuda): see the docstring")
+    p.add_argument("--json", type=Path, default=None, help="also write the per-repeat figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data, 3 batches, 1 repeat")
     a = p.parse_args(argv)
     from make_images import make_images
@@ -211,7 +232,7 @@ def main(argv=None) -> int:
     print(machine_line())
     print(f"# {len(files)} JPEGs, mean {info['mean_kb']} KB, {info['shard_count']} shards; workers={a.workers} "
           f"batch={a.batch} size={IMAGE_SIZE}; {a.batches} timed batches after {a.warmup} warm-up, "
-          f"{a.repeats} repeats interleaved")
+          f"{a.repeats} repeats interleaved; shard batches to device {a.device}")
     ceiling = Ceiling(files, a.workers) if any(v.startswith("ceiling") for v in variants) else None
     if ceiling is not None:
         ceiling.run(4 * a.workers, "pil")  # start the pool
@@ -223,14 +244,17 @@ def main(argv=None) -> int:
         for r, v in abba(variants, a.repeats):
             seed = 1000 + r
             if v == "shard":
-                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", False, seed)
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", False, seed,
+                                         a.device)
             elif v == "shard+norm":
-                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", True, seed)
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", True, seed,
+                                         a.device)
             elif v == "shard-tv":
                 ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "torchvision", False,
-                                         seed)
+                                         seed, a.device)
             elif v == "shard-nvjpeg":
-                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "nvjpeg", False, seed)
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "nvjpeg", False, seed,
+                                         a.device)
             elif v == "imagefolder":
                 ips, per_cpu = run_imagefolder(info["images"], a.workers, a.batch, a.warmup, a.batches, seed)
             elif v == "ceiling":
@@ -266,6 +290,12 @@ def main(argv=None) -> int:
             ratio("imagefolder", "ceiling"), ratio("ceiling-tv", "ceiling")]
     print("\n## Ratios (per repeat, median [min-max]): wall-clock img/s, and images per CPU-second\n")
     print(table(["ratio", "wall", "met", "per CPU-second", "met", "target"], [r for r in rows if r is not None]))
+    if a.json is not None:
+        import json
+
+        a.json.write_text(json.dumps({"device": a.device, "workers": a.workers, "batch": a.batch,
+                                      "image_size": IMAGE_SIZE, "images_per_s": res, "images_per_cpu_s": cpu},
+                                     indent=1))
     return 0
 
 if __name__ == "__main__":

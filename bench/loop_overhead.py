@@ -26,7 +26,11 @@ is printed too: it is the part of the shortfall that the loader itself causes.
 
 Usage::
 
-    python bench/loop_overhead.py [--model mobilenet_v3_small] [--size 112] [--steps 20] [--repeats 3] [--quick]
+    python bench/loop_overhead.py [--model mobilenet_v3_small] [--size 112] [--steps 20] [--repeats 3]
+        [--decode pil|torchvision|nvjpeg] [--json OUT.json] [--quick]
+
+The Trainer runs on whatever device ``build`` gives it (a GPU when one is visible); ``bench/gpu_check.py``
+runs this script on a GPU (ResNet-50, bf16, 224 px) and reads the ``--json`` output.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class SyntheticLoader:
         g = torch.Generator().manual_seed(0)
         self.classes, self.steps_per_epoch, self.num_samples = classes, steps_per_epoch, num_samples
         self.batch_size = batch_size
+        self.fault = None  # TrainLoader's agreed-stop data fault: a synthetic batch never fails
         self._batch = {"image": torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8,
                                               generator=g),
                        "label": torch.randint(0, len(classes), (batch_size,), generator=g),
@@ -104,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="loader worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--decode", default="pil", choices=["pil", "torchvision", "nvjpeg"], help="data.decode of the real loader")
+    p.add_argument("--json", type=Path, default=None, help="also write the per-repeat figures to this JSON file")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per segment (first log window dropped)")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
@@ -128,6 +135,7 @@ def main(argv=None) -> int:
         f"data.train=[{info['shards']}]", f"output_dir={out}", f"model.name={a.model}", "model.pretrained=false",
         f"data.image_size={a.size}", f"data.batch_size={a.batch}", f"data.num_workers={a.workers}",
         *([f"train.mixed_precision={a.precision}"] if a.precision != "no" else []), "train.max_steps=1000000",
+        f"data.decode={a.decode}",
         f"train.log_every_steps={a.log_every}",
         "tracker.backend=none", "checkpoint.resume=none"])
     trainer = build(cfg)
@@ -136,14 +144,14 @@ def main(argv=None) -> int:
     records: list[dict] = []
     trainer.tracker.log = lambda metrics, step: records.append(dict(metrics))  # type: ignore[method-assign]
     trainer.save = lambda metric=None: None  # type: ignore[method-assign]  # no checkpoint writes in a benchmark
-    trainer.steps_per_epoch = 10**9  # no epoch-end checkpoints inside segments
+    trainer.run.steps_per_epoch = 10**9  # no epoch-end checkpoints inside segments
     real = trainer.train_loader
     synthetic = SyntheticLoader(a.batch, a.size, real.classes, real.steps_per_epoch, real.num_samples)
     loaders = {"real": real, "synthetic": synthetic}
 
     def segment(name: str) -> tuple[float, float]:
         trainer.train_loader = loaders[name]
-        trainer.total_steps = trainer.state.step + a.steps
+        trainer.run.total_steps = trainer.state.step + a.steps
         records.clear()
         trainer.fit()
         windows = [m for m in records if "train/images_per_s" in m][1:]  # drop the warm-up window
@@ -153,8 +161,11 @@ def main(argv=None) -> int:
         return images / seconds, wait / seconds
 
     print(machine_line())
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     print(f"# {a.model} @ {a.size}px, batch {a.batch}, precision={a.precision}, channels_last="
-          f"{cfg.train.channels_last}, torch threads {torch.get_num_threads()}, {a.workers} loader workers; "
+          f"{cfg.train.channels_last}, decode={a.decode}, device "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+          f"torch threads {torch.get_num_threads()}, {a.workers} loader workers; "
           f"{a.steps} steps per segment, log every {a.log_every} (first window dropped), {a.repeats} repeats")
     load_before = loadavg()
     segment("real")  # starts the loader workers; not counted
@@ -186,6 +197,14 @@ def main(argv=None) -> int:
                  ["measured / predicted (loop's own efficiency)", fmt_ms([m / q for m, q in zip(ratios, predicted)], 3),
                   "", ""]]))
     print(f"\n# single-core decode+augment at {a.size}px: {fmt_ms(rates, 0)} img/s")
+    if a.json is not None:
+        import json
+
+        a.json.write_text(json.dumps({
+            "model": a.model, "size": a.size, "batch": a.batch, "precision": a.precision, "decode": a.decode,
+            "device": device.type, "workers": a.workers, "images_per_s": res, "data_wait_frac": waits,
+            "real_over_synthetic": ratios, "decode_rate_1core": rates,
+            "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}, indent=1))
     return 0
 
 

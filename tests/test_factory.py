@@ -99,6 +99,25 @@ def test_pretrained_from_hub_cache(tmp_path, monkeypatch):
         build_model(_cfg(pretrained=True), 3)
 
 
+def test_pretrained_densenet_hub_file_with_old_key_names(tmp_path, monkeypatch):
+    """torchvision's densenet files keep pre-1.0 key names ('norm.1'); its builder renames them, and so
+    does tldist's pickle-free loader."""
+    import re
+
+    from torchvision.models import DenseNet121_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ref = torchvision.models.densenet121()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+           for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}  # older than those too
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(old, tmp_path / "hub" / "checkpoints" / _hub_file(DenseNet121_Weights.DEFAULT))
+    model, _ = build_model(_cfg("densenet121", pretrained=True), 3)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items() if not k.startswith("classifier."))
+
+
 def test_pretrained_offline_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     fname = _hub_file(ResNet18_Weights.IMAGENET1K_V1)

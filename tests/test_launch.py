@@ -263,6 +263,7 @@ CHILD = r"""
 import os, sys, time
 from tldist.launch.signals import die_with_parent
 first = os.getppid()
+print("ready", flush=True)
 if sys.argv[1] == "late":  # arm only after the parent is gone (the getppid race)
     while os.getppid() == first:
         time.sleep(0.01)
@@ -307,6 +308,7 @@ def test_child_dies_with_its_killed_parent(mode):
                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     child = int(parent.stdout.readline())
     try:
+        assert parent.stdout.readline().strip() == "ready"  # the child knows its parent
         if mode == "armed":
             assert parent.stdout.readline().split() == ["armed", "True"]
         parent.kill()  # SIGKILL: the parent cannot pass anything on

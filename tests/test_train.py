@@ -333,9 +333,9 @@ from tldist.train.main import build
 cfg = load_config("configs/test_tiny.yaml", sys.argv[2:])
 trainer = build(cfg)
 mask = torch.nn.functional.dropout(torch.ones(64), p=0.5).tolist()
-rank = trainer.accelerator.process_index
+rank = trainer.parallel.world.rank
 first = next(iter(trainer.train_loader))["key"]
-out = {"mask": mask, "keys": first, "world": trainer.accelerator.num_processes,
+out = {"mask": mask, "keys": first, "world": trainer.num_processes,
        "weights": float(sum(p.double().sum() for p in trainer.model.parameters()))}
 open(sys.argv[1] + f"/rank{rank}.json", "w").write(json.dumps(out))
 trainer.tracker.finish()

@@ -151,6 +151,12 @@ class TrainConfig:
     """Append each step's sample keys to ``output_dir/trace/rank<r>.jsonl`` (reproducibility checks)."""
     profile: bool = False
     """Write a torch profiler trace of a few steps to ``output_dir/profile``."""
+    compile: bool = False
+    """``torch.compile`` the model (in place, ``nn.Module.compile``: state-dict keys unchanged, so
+    checkpoints load into compiled and plain models alike). Under DDP the module is compiled before
+    wrapping, under FSDP2 after sharding."""
+    compile_mode: str = "default"
+    """``torch.compile`` mode: ``default``, ``reduce-overhead``, ``max-autotune`` or ``max-autotune-no-cudagraphs``."""
     collective_timeout_s: int = 600
     """Seconds a collective (all-reduce, barrier) may wait for the other ranks before it raises and
     the job ends; bounds the hang when a node is lost without closing its connections."""
@@ -231,6 +237,8 @@ class JobConfig:
         if any(w <= 0 for w in t.task_weights):
             _bad("train.task_weights", t.task_weights, "weights must be > 0")
         _positive("train.collective_timeout_s", t.collective_timeout_s)
+        _choice("train.compile_mode", t.compile_mode, ("default", "reduce-overhead", "max-autotune",
+                                                        "max-autotune-no-cudagraphs"))
         _choice("transfer.strategy", self.transfer.strategy, ("linear_probe", "full", "last_n"))
         _positive("transfer.last_n", self.transfer.last_n)
         if not 0 < self.transfer.layer_decay <= 1:

@@ -4,6 +4,10 @@ Weights come from, in priority order: ``model.checkpoint`` (a local file or dire
 the torchvision weights enum / timm's pretrained weights (``model.pretrained=true``), or a
 random init. Pretrained torchvision weights are read from the torch hub cache and only
 downloaded when absent; offline machines get a :class:`UserError` naming the file to put there.
+Every ``.pt``/``.pth`` file (checkpoints, the hub cache) is read pickle-free
+(:func:`tldist.safeload.load_pickle_free`). The constructor arguments a model was built with
+(:attr:`ModelInfo.model_kwargs`) travel with its checkpoints and exports, so a rebuilt model
+computes what the saved one computed.
 """
 
 from __future__ import annotations
@@ -224,7 +228,8 @@ def _load_hub_weights(model: nn.Module, name: str, cache: Path) -> None:
     except UserError as e:
         raise type(e)(f"{e}; {fix}") from None
     if name.startswith("densenet"):  # as torchvision's densenet builder: old 'norm.1'-style key names
-        pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+        pattern = re.compile(
+            r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
         state = {(m.group(1) + m.group(2) if (m := pattern.match(k)) else k): v for k, v in state.items()}
     try:
         model.load_state_dict(state)

@@ -7,8 +7,9 @@ Launch facts this module encodes (measured on CPU machines, see the README):
   which we pass whenever no GPU is present: the state becomes MULTI_CPU over gloo.
 - Accelerate silently ignores an FSDP config on CPU. tldist therefore applies FSDP2 itself with
   ``torch.distributed.fsdp.fully_shard`` (on CPU/gloo and GPU/NCCL alike) whenever FSDP is asked
-  for by the accelerate config (``ACCELERATE_USE_FSDP``) or by ``train.fsdp=true``, and never hands
-  the model to ``accelerator.prepare`` in that mode.
+  for by the accelerate config (``ACCELERATE_USE_FSDP``) or by ``train.fsdp=true``.
+- No model goes through ``accelerator.prepare``: :mod:`tldist.train.parallelize` places and wraps
+  it (single device, DDP, FSDP2) in one place; Accelerate sets up the process group and device.
 """
 
 from __future__ import annotations
@@ -34,20 +35,16 @@ def build_accelerator(cfg: TrainConfig):
     from datetime import timedelta
 
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs
 
     use_fsdp = fsdp_requested(cfg)
     if use_fsdp and cfg.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 is not supported with FSDP in tldist; use bf16")
     cpu = not torch.cuda.is_available()
-    # Frozen stages (linear probe, last_n) leave parameters without gradients. Gradients are views
-    # into DDP's all-reduce buckets (no copy in or out of the buckets each step). BatchNorm buffers
-    # are not broadcast before every forward: each rank keeps its own running statistics, and
-    # the trainer averages them before every evaluation and checkpoint (average_buffers).
-    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False,
-                                               gradient_as_bucket_view=True)
     pg_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp_kwargs, pg_kwargs],
+    # mixed_precision here only serves accelerator.autocast() of the eval/adapt/compress entry
+    # points; training takes its autocast and GradScaler from tldist.train.parallelize.
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[pg_kwargs],
                        step_scheduler_with_optimizer=False)
 
 
@@ -61,25 +58,24 @@ def world_of(accelerator) -> World:
                  local_rank=accelerator.local_process_index)
 
 
-def apply_fsdp2(model: nn.Module, block_names: list[str], *, mixed_precision: str,
-                device_type: str) -> list[str]:
+def apply_fsdp2(model: nn.Module, block_names: list[str], *, device_type: str) -> list[str]:
     """Shard ``model`` in place with FSDP2: each listed block class, then the root (call on every rank).
 
-    Returns the names of the modules that became their own FSDP unit.
+    Parameters stay float32 and gradients are reduced in float32; mixed precision is autocast, as
+    in every other mode (see :mod:`tldist.train.parallelize`). Returns the names of the modules
+    that became their own FSDP unit.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     wrapped = []
     for name, module in model.named_modules():
         if name and type(module).__name__ in block_names and _has_trainable(module):
-            fully_shard(module, mesh=mesh, mp_policy=mp)
+            fully_shard(module, mesh=mesh)
             wrapped.append(name)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh)
     return wrapped
 
 
@@ -131,9 +127,17 @@ def is_peer_failure(exc: BaseException) -> bool:
         "Broken pipe"))
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under a DDP wrapper (FSDP2 modules are not wrapped)."""
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks, returned on the CPU (call on every rank). The reduction runs on
+    the default group's device (CUDA for NCCL); without a process group ``t`` comes back as is."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    x = t.to(device)
+    dist.all_reduce(x)
+    return x.cpu()
 
 
 def average_buffers(model: nn.Module) -> None:

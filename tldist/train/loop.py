@@ -25,7 +25,8 @@ from tldist.config import CheckpointConfig, TrainConfig
 from tldist.data.device_decode import images_on
 from tldist.train.checkpoint import CheckpointManager
 from tldist.errors import DataError
-from tldist.train.distributed import STOP_DATA_FAULT, STOP_PREEMPT, StopVote, average_buffers
+from tldist.train.distributed import STOP_DATA_FAULT, STOP_PREEMPT, StopVote, all_reduce_sum, average_buffers
+from tldist.train.parallelize import Parallel
 from tldist.train.metrics import EvalAccumulator
 from tldist.train.tracking import Tracker
 
@@ -74,51 +75,62 @@ class TrainerState:
 
 
 @dataclass
+class RunInfo:
+    """Facts of the run fixed at build time that the loop reads."""
+
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int
+    """Images per optimizer step over all ranks (batch x world size x grad_accum)."""
+    output_dir: Path
+    config_yaml: str
+    """The resolved config, saved with every checkpoint."""
+    class_names: list[str]
+    tasks: Any = None
+    """:class:`tldist.train.multitask.TaskHeads` with ``model.heads=separate`` (per-task loss and eval), else None."""
+
+
+@dataclass
 class Trainer:
     """Owns the objects built by ``tldist.train.main.build`` and runs them.
 
-    ``model`` is the wrapped (DDP or FSDP2) model, ``optimizer`` what ``accelerator.prepare``
-    returned (or the raw optimizer under FSDP), ``raw_optimizer`` the torch optimizer itself.
+    ``parallel`` holds the placed and wrapped model and its precision machinery (see
+    :mod:`tldist.train.parallelize`); ``optimizer`` is the torch optimizer over its parameters.
     """
 
     cfg: TrainConfig
     ckpt_cfg: CheckpointConfig
-    accelerator: Any
-    model: nn.Module
-    optimizer: Any
-    raw_optimizer: torch.optim.Optimizer
+    parallel: Parallel
+    optimizer: torch.optim.Optimizer
     scheduler: Any
     train_loader: Any
     eval_loaders: dict[str, Any]
     normalize: Callable[[torch.Tensor], torch.Tensor]
     tracker: Tracker
     checkpoints: CheckpointManager
-    config_yaml: str
-    num_classes: int
-    steps_per_epoch: int
-    total_steps: int
-    global_batch: int
-    fsdp: bool = False
-    output_dir: Path = Path(".")
+    run: RunInfo
     state: TrainerState = field(default_factory=TrainerState)
-    class_names: list[str] = field(default_factory=list)
-    tasks: Any = None
-    """:class:`tldist.train.multitask.TaskHeads` with ``model.heads=separate`` (per-task loss and eval), else None."""
 
     # ---- helpers ---------------------------------------------------------------------------
     @property
+    def model(self) -> nn.Module:
+        return self.parallel.model
+
+    @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        return self.parallel.device
 
     @property
     def is_main(self) -> bool:
-        return self.accelerator.is_main_process
+        return self.parallel.is_main
 
-    def _sync_context(self, sync: bool):
-        if self.fsdp:
-            self.model.set_requires_gradient_sync(sync)
-            return contextlib.nullcontext()
-        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+    @property
+    def num_processes(self) -> int:
+        return self.parallel.world.world_size
+
+    @property
+    def tasks(self):
+        return self.run.tasks
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.normalize(images_on(batch, self.device))  # data.decode=nvjpeg decodes here
@@ -126,16 +138,12 @@ class Trainer:
 
     def _clip(self) -> torch.Tensor:
         """Clip the gradients to ``clip_grad_norm`` (when > 0); their total norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else float("inf")
-        if self.fsdp:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        return self.accelerator.clip_grad_norm_(params, max_norm)
+        return self.parallel.clip_grad_norm_(self.optimizer, max_norm)
 
     # ---- training --------------------------------------------------------------------------
     def _log_due(self, step: int) -> bool:
-        return step % self.cfg.log_every_steps == 0 or step == self.total_steps
+        return step % self.cfg.log_every_steps == 0 or step == self.run.total_steps
 
     def fit(self) -> dict[str, Any]:
         """Train until ``total_steps`` or a stop request (call on every rank).
@@ -147,9 +155,9 @@ class Trainer:
         profiler = self._profiler()
         trace = None
         if self.cfg.trace_samples:
-            (self.output_dir / "trace").mkdir(parents=True, exist_ok=True)
-            trace = open(self.output_dir / "trace" / f"rank{self.accelerator.process_index}.jsonl", "a")
-        bar = _progress_bar(self.is_main, self.state.step, self.total_steps)
+            (self.run.output_dir / "trace").mkdir(parents=True, exist_ok=True)
+            trace = open(self.run.output_dir / "trace" / f"rank{self.parallel.world.rank}.jsonl", "a")
+        bar = _progress_bar(self.is_main, self.state.step, self.run.total_steps)
         try:
             # log lines go through tqdm.write while the bar is shown, so the bar stays on the last line
             with _redirect_logging(not bar.disable):
@@ -171,14 +179,14 @@ class Trainer:
         criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
         data_iter = iter(self.train_loader)
         accum = self.cfg.grad_accum
-        global_batch = self.global_batch
+        global_batch, total_steps = self.run.global_batch, self.run.total_steps
         window = torch.zeros(4, dtype=torch.float64)  # loss_sum, micro-batches, data_wait_s, elapsed_s
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)  # read at log steps only
         window_steps, last_metrics, stopped, grad_norm = 0, {}, False, None
         vote = StopVote()
         tick = time.perf_counter()
         self.model.train()
-        while self.state.step < self.total_steps:
+        while self.state.step < total_steps:
             step_keys: list[str] = []
             for micro in range(accum):
                 t0 = time.perf_counter()
@@ -186,16 +194,17 @@ class Trainer:
                 window[2] += time.perf_counter() - t0
                 step_keys.extend(batch.get("key", []))
                 images, labels = self._to_device(batch)
-                with self._sync_context(micro == accum - 1):
-                    logits = self.model(images)
-                    loss = criterion(logits, labels) if self.tasks is None else self.tasks.loss(
-                        logits, labels, batch["source"], self.cfg.label_smoothing)
-                    self.accelerator.backward(loss / accum)
+                with self.parallel.grad_sync(micro == accum - 1):
+                    with self.parallel.autocast():
+                        logits = self.model(images)
+                        loss = criterion(logits, labels) if self.tasks is None else self.tasks.loss(
+                            logits, labels, batch["source"], self.cfg.label_smoothing)
+                    self.parallel.backward(loss / accum)
                 loss_sum += loss.detach().float()
                 window[1] += 1
             if self.cfg.clip_grad_norm > 0 or self._log_due(self.state.step + 1):
                 grad_norm = self._clip()
-            self.optimizer.step()
+            self.parallel.step(self.optimizer)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
@@ -215,9 +224,9 @@ class Trainer:
                 window.zero_()
                 loss_sum.zero_()
                 window_steps, tick = 0, time.perf_counter()
-            epoch_end = step % self.steps_per_epoch == 0
+            epoch_end = step % self.run.steps_per_epoch == 0
             eval_due = (self.cfg.eval_every_steps and step % self.cfg.eval_every_steps == 0) or \
-                (not self.cfg.eval_every_steps and epoch_end) or step == self.total_steps
+                (not self.cfg.eval_every_steps and epoch_end) or step == total_steps
             new_best = None
             if eval_due and self.eval_loaders:
                 last_metrics = self.evaluate()
@@ -228,13 +237,13 @@ class Trainer:
             # -- stop decisions are taken by all ranks together, one step late (no per-step sync)
             code = STOP_DATA_FAULT if self.train_loader.fault is not None else STOP_PREEMPT if _STOP.is_set() else 0
             agreed = vote.poll(code)
-            if agreed or step == self.total_steps:
+            if agreed or step == total_steps:
                 agreed = max(agreed, vote.finish())  # no collective left in flight
             if agreed == STOP_DATA_FAULT:
                 self._raise_data_fault()
             stopped = agreed == STOP_PREEMPT
             ckpt_due = (self.ckpt_cfg.every_steps and step % self.ckpt_cfg.every_steps == 0) or epoch_end \
-                or step == self.total_steps or stopped or new_best is not None
+                or step == total_steps or stopped or new_best is not None
             if ckpt_due:
                 self.save(metric=new_best)
             if stopped:
@@ -256,9 +265,7 @@ class Trainer:
         """Train samples read and skipped (corrupt, truncated, unreachable), summed over ranks and
         cumulative over resumes (call on every rank)."""
         stats = self.train_loader.stats()
-        t = torch.tensor([stats.get("read", 0), stats.get("skipped", 0)], dtype=torch.float64, device=self.device)
-        if self.accelerator.num_processes > 1:
-            t = self.accelerator.reduce(t, reduction="sum")
+        t = all_reduce_sum(torch.tensor([stats.get("read", 0), stats.get("skipped", 0)], dtype=torch.float64))
         read, skipped = (int(v) for v in t.tolist())
         return {"read": read, "skipped": skipped}
 
@@ -281,16 +288,13 @@ class Trainer:
             checksum = sum(s for s, _ in sums) + sums[0][1]
         else:
             checksum = sums[0][0] + sums[0][1]
-        return {"world_size": self.accelerator.num_processes, "sharded_params": sharded,
+        return {"world_size": self.num_processes, "sharded_params": sharded,
                 "ranks_agree": None if sharded else all(c == sums[0] for c in sums), "param_checksum": checksum}
 
     def _log_train(self, window: torch.Tensor, steps: int, global_batch: int, grad_norm) -> None:
         """Reduce the window across ranks and log it (call on every rank)."""
-        w = window.to(self.device)
-        if self.accelerator.num_processes > 1:
-            w = self.accelerator.reduce(w, reduction="sum")
-        loss_sum, micro, wait, elapsed = w.tolist()
-        n = self.accelerator.num_processes
+        loss_sum, micro, wait, elapsed = all_reduce_sum(window.clone()).tolist()
+        n = self.num_processes
         data = self._data_totals()
         metrics = {
             "train/loss": loss_sum / max(micro, 1),
@@ -299,7 +303,7 @@ class Trainer:
             "train/images_per_s_per_rank": global_batch * steps / max(elapsed / n, 1e-9) / n,
             "train/data_wait_frac": wait / max(elapsed, 1e-9),
             "train/grad_norm": float(grad_norm),
-            "train/epoch": self.state.step / self.steps_per_epoch,
+            "train/epoch": self.state.step / self.run.steps_per_epoch,
             "data/read": data["read"],
             "data/skipped": data["skipped"],
         }
@@ -308,7 +312,7 @@ class Trainer:
         self.tracker.log(metrics, step=self.state.step)
         if self.is_main:
             log.info("step %d/%d  loss %.4f  lr %.3g  %.0f img/s  data-wait %.0f%%", self.state.step,
-                     self.total_steps, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_s"],
+                     self.run.total_steps, metrics["train/loss"], metrics["train/lr"], metrics["train/images_per_s"],
                      100 * metrics["train/data_wait_frac"])
 
     # ---- evaluation ------------------------------------------------------------------------
@@ -323,16 +327,17 @@ class Trainer:
         self.model.eval()
         metrics: dict[str, Any] = {}
         for i, (name, loader) in enumerate(self.eval_loaders.items()):
-            lo, hi = self.tasks.eval_span(name) if self.tasks is not None else (0, self.num_classes)
+            lo, hi = self.tasks.eval_span(name) if self.tasks is not None else (0, len(self.run.class_names))
             acc = EvalAccumulator(hi - lo, self.device)
             samples = None
             for batch in loader:
                 images, labels = self._to_device(batch)
-                logits = self.model(images)[:, lo:hi]  # with separate heads: this set's task head
+                with self.parallel.autocast():
+                    logits = self.model(images)[:, lo:hi]  # with separate heads: this set's task head
                 mask = batch["mask"].to(self.device)
                 acc.update(logits, labels, mask)
                 if samples is None and i == 0 and self.is_main:
-                    samples = _sample_predictions(batch, logits, self.class_names[lo:hi])
+                    samples = _sample_predictions(batch, logits, self.run.class_names[lo:hi])
             result = acc.compute()
             prefix = "eval" if name == "val" else f"eval/{name}"
             for k in ("top1", "top5", "loss", "count"):
@@ -343,7 +348,7 @@ class Trainer:
                          self.state.step, result["top1"], result["top5"], result["loss"], result["count"])
                 if i == 0:
                     self.tracker.log_eval_details(prefix, result["per_class_acc"], result["confusion"],
-                                                  self.class_names[lo:hi], samples or [], step=self.state.step)
+                                                  self.run.class_names[lo:hi], samples or [], step=self.state.step)
         if self.tasks is not None and self.eval_loaders:  # the headline metric: mean over the tasks' heads
             metrics["eval/top1"] = sum(metrics[f"eval/{n}/top1"] for n in self.eval_loaders) / len(self.eval_loaders)
         self.tracker.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=self.state.step)
@@ -354,11 +359,11 @@ class Trainer:
         """Checkpoint the current step (call on every rank)."""
         average_buffers(self.model)
         state = {**self.state.state_dict(), "tracker": self.tracker.state_dict(),
-                 "world_size": self.accelerator.num_processes, "steps_per_epoch": self.steps_per_epoch}
-        path = self.checkpoints.save(self.state.step, model=self.model, optimizer=self.raw_optimizer,
+                 "world_size": self.num_processes, "steps_per_epoch": self.run.steps_per_epoch}
+        path = self.checkpoints.save(self.state.step, model=self.model, optimizer=self.optimizer,
                                      scheduler=self.scheduler, trainer_state=state,
-                                     loader_state=self.train_loader.state_dict(), config_yaml=self.config_yaml,
-                                     metric=metric, scaler=self.accelerator.scaler)
+                                     loader_state=self.train_loader.state_dict(), config_yaml=self.run.config_yaml,
+                                     metric=metric, scaler=self.parallel.scaler)
         if self.is_main:
             log.info("saved checkpoint %s", path)
         self.tracker.log({"checkpoint/step": self.state.step}, step=self.state.step)
@@ -370,9 +375,9 @@ class Trainer:
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        out = self.output_dir / "profile"
+        out = self.run.output_dir / "profile"
         prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-                       on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.accelerator.process_index}"))
+                       on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.parallel.world.rank}"))
         prof.start()
         return prof
 

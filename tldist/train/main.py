@@ -18,13 +18,13 @@ from tldist.config import JobConfig, format_config
 from tldist.errors import ConfigError
 from tldist.train.checkpoint import CheckpointManager
 from tldist.train.distributed import (
-    apply_fsdp2,
     build_accelerator,
     fsdp_block_names,
     fsdp_requested,
     world_of,
 )
-from tldist.train.loop import Trainer, TrainerState
+from tldist.train.loop import RunInfo, Trainer, TrainerState
+from tldist.train.parallelize import parallelize
 from tldist.train.schedule import build_scheduler
 from tldist.train.tracking import build_tracker, run_metadata
 
@@ -195,33 +195,21 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
                                                crop_pct=info.crop_pct, location=location,
                                                classes=tasks.bind_eval(name, i) if tasks else train_loader.classes)
 
-    # Model placement and wrapping; the optimizer is built on the final (possibly sharded) params.
+    # Placement and wrapping in one step; the optimizer is built on the final (possibly sharded) params.
     fsdp = fsdp_requested(cfg.train)
-    # channels_last only on GPUs (on CPU it measured slower, BENCHMARKS.md "Versus"); not under FSDP2,
-    # which cannot shard non-contiguous (channels_last) parameters.
-    channels_last = cfg.train.channels_last and not fsdp and accelerator.device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(accelerator.device)
-    if fsdp:
-        wrapped = apply_fsdp2(model, fsdp_block_names(cfg.train, model, info.block_class_names),
-                              mixed_precision=cfg.train.mixed_precision, device_type=accelerator.device.type)
-        log.info("FSDP2: %d sharded blocks (%s...) + root", len(wrapped), ", ".join(wrapped[:3]))
+    parallel = parallelize(model, cfg.train, device=accelerator.device, world=world, fsdp=fsdp,
+                           fsdp_blocks=fsdp_block_names(cfg.train, model, info.block_class_names) if fsdp else [])
     accum = cfg.train.grad_accum
     global_batch = cfg.data.batch_size * world.world_size * accum
     lr = cfg.optim.lr * global_batch / cfg.optim.lr_ref_batch
-    groups = build_param_groups(model, info, weight_decay=cfg.optim.weight_decay,
+    groups = build_param_groups(parallel.module, info, weight_decay=cfg.optim.weight_decay,
                                 layer_decay=cfg.transfer.layer_decay, head_lr_mult=cfg.transfer.head_lr_mult)
-    raw_optimizer = build_optimizer(cfg.optim, groups, lr)
-    if fsdp:
-        optimizer = raw_optimizer
-    else:
-        model, optimizer = accelerator.prepare(model, raw_optimizer)
+    optimizer = build_optimizer(cfg.optim, groups, lr)
 
     steps_per_epoch = max(1, train_loader.steps_per_epoch // accum)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_epochs * steps_per_epoch)
-    scheduler = build_scheduler(raw_optimizer, warmup_steps=warmup, total_steps=total_steps,
+    scheduler = build_scheduler(optimizer, warmup_steps=warmup, total_steps=total_steps,
                                 min_ratio=cfg.optim.min_lr_ratio)
     # From here on each rank draws its own random stream (dropout, drop-path): seed + rank, as
     # timm's train.py does. The model above was initialised identically on every rank; data
@@ -237,8 +225,8 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
                                         **({"tasks": tasks.state()} if tasks else {})}), None
     resume_from = checkpoints.resolve_resume(cfg.checkpoint.resume)
     if resume_from is not None:
-        restored = checkpoints.load(resume_from, model=model, optimizer=raw_optimizer, scheduler=scheduler,
-                                    rank=world.rank, scaler=accelerator.scaler)
+        restored = checkpoints.load(resume_from, model=parallel.model, optimizer=optimizer, scheduler=scheduler,
+                                    rank=world.rank, scaler=parallel.scaler)
         state.load_state_dict(restored["trainer"])
         train_loader.load_state_dict(restored["loader"])
         run_id = restored["trainer"].get("tracker", {}).get("run_id")
@@ -247,20 +235,21 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
     derived = {"world_size": world.world_size, "global_batch": global_batch, "lr_scaled": lr,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
                "num_classes": num_classes, "image_size": image_size, "train_samples": train_loader.num_samples,
-               "fsdp": fsdp, "mixed_precision": cfg.train.mixed_precision}
+               "parallel": parallel.mode, "mixed_precision": cfg.train.mixed_precision,
+               "compile": cfg.train.compile}
     log.info("derived: %s", "  ".join(f"{k}={v}" for k, v in derived.items()))
     metadata = {"derived": derived, "classes": classes, "data_sources": train_loader.state_dict()["sources"],
                  **run_metadata()}
     tracker = build_tracker(cfg.tracker, is_main=accelerator.is_main_process,
                             run_name=cfg.run_name or output_dir.name, output_dir=output_dir,
                             config={**cfg.to_dict(), **metadata}, run_id=run_id, resumed_step=state.step)
-    return Trainer(cfg=cfg.train, ckpt_cfg=cfg.checkpoint, accelerator=accelerator, model=model,
-                   optimizer=optimizer, raw_optimizer=raw_optimizer, scheduler=scheduler,
-                   train_loader=train_loader, eval_loaders=eval_loaders,
-                   normalize=Normalizer(info.mean, info.std, channels_last=channels_last),
-                   tracker=tracker, checkpoints=checkpoints, config_yaml=config_yaml, num_classes=num_classes,
-                   steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
-                   fsdp=fsdp, output_dir=output_dir, state=state, class_names=classes, tasks=tasks)
+    run = RunInfo(steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
+                  output_dir=output_dir, config_yaml=config_yaml, class_names=classes, tasks=tasks)
+    return Trainer(cfg=cfg.train, ckpt_cfg=cfg.checkpoint, parallel=parallel, optimizer=optimizer,
+                   scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders,
+                   normalize=Normalizer(info.mean, info.std, device=parallel.device,
+                                        channels_last=parallel.channels_last),
+                   tracker=tracker, checkpoints=checkpoints, run=run, state=state)
 
 
 def run(cfg: JobConfig) -> dict[str, Any]:
@@ -284,10 +273,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         result["tracker_run_id"] = trainer.tracker.run_id
         trainer.tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
         if trainer.is_main:
-            (trainer.output_dir / "result.json").write_text(json.dumps(result, indent=1))
+            (trainer.run.output_dir / "result.json").write_text(json.dumps(result, indent=1))
             log.info("done: step %d, best top1 %.2f%% (step %d)", result["step"], result["best_top1"],
                      result["best_step"])
-        trainer.accelerator.wait_for_everyone()  # success path only: never a collective on an error path
+        accelerator.wait_for_everyone()  # success path only: never a collective on an error path
         return result
     finally:
         if trainer is not None:
