@@ -23,14 +23,15 @@ quantize      [35]     ``tldist compress quantize`` (int8 static FX, x86, CPU: f
 train-fp32    [22]     as train-bf16 in fp32
 train-fp16    [20]     as train-bf16 in fp16 (GradScaler; its loss scale read back from the checkpoint)
 train-bf16-cl [20]     bf16 with ``train.channels_last=true``
+train-compile [90]     bf16 + channels_last + ``train.compile=true`` (compile time included)
 fsdp2         [25]     ``accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1``
-                       (FSDP2 needs a process group: plain ``tldist train train.fsdp=true`` has none), bf16
+                       (FSDP2 needs a process group: plain ``tldist train train.fsdp=true`` has none), bf16;
+                       should that fail, once more under ``torchrun --standalone --nproc_per_node 1``
 loop-overhead [35]     ``bench/loop_overhead.py``: ResNet-50 bf16 224 px batch 128, the Trainer fed by the
                        real shards (12 workers, PIL) vs a synthetic in-memory batch: img/s, data-wait share
 loader        [30]     ``bench/loader.py --device cuda``: uint8 batches on the GPU, ``data.decode=torchvision``
                        (CPU workers) vs ``nvjpeg`` (decoded on the GPU), same 6 workers
 nvjpeg-pixels [12]     nvjpeg (GPU) vs libjpeg-turbo (CPU) batches of the same samples: mean/max |diff|
-train-compile [90]     bf16 + channels_last + ``train.compile=true`` (compile time included)
 train-nvjpeg  [20]     bf16 + channels_last + ``data.decode=nvjpeg`` through the trainer
 loop-nvjpeg   [25]     loop-overhead with ``--decode nvjpeg`` (2 repeats)
 =====================  ===================================================================================
@@ -38,9 +39,14 @@ loop-nvjpeg   [25]     loop-overhead with ``--decode nvjpeg`` (2 repeats)
 GPU memory: every train row reports ``torch.cuda.max_memory_allocated()`` (and reserved) of its training
 process, read after ``tldist train`` returns (the child runs ``tldist.cli.main`` in-process for that).
 
-``--device cpu`` is the CI smoke test (``tests/test_gpu_check.py``): ResNet-18 at 32 px, 3 steps,
-200 train / 48 val JPEGs, 1 loader worker; the CUDA-only rows say ``skipped (cpu)``; nvjpeg-pixels
-must then be exactly 0 (the device path on the CPU is bit-identical to ``data.decode=torchvision``).
+Rows run in this order (most needed first); with the default budget the last ones are the first to
+go when the machine is slower than estimated (sum of the estimates: ~340 s).
+
+``--device cpu`` is the CI smoke test (``tests/test_gpu_check.py``, ~2 min on 2 loaded cores): ResNet-18
+at 32 px, 3 steps, 200 train / 32 val JPEGs, 1 loader worker; train-fp16/-bf16-cl/-compile/-nvjpeg and
+loop-nvjpeg say ``skipped (cpu)``, fsdp2 runs on CPU (gloo) only with ``--cpu-fsdp`` (+~25 s);
+nvjpeg-pixels must then be exactly 0 (the device path on the CPU is bit-identical to
+``data.decode=torchvision``).
 
 Output: one table (check | status | key figures | seconds) on stdout and in ``OUT/gpu_check.txt``
 (``gpu_check_cpu.txt`` for ``--device cpu``), the same as JSON next to it (with each check's command
@@ -93,6 +99,7 @@ class Sizes:
     n_train: int
     n_val: int
     quant_threads: int
+    quant_runs: int
     loop_args: list[str]
     loader_args: list[str]
 
@@ -102,15 +109,16 @@ def sizes_for(device: str) -> Sizes:
     if device == "cuda":
         # n_train=3000 / default make_images parameters: bench/loop_overhead.py and bench/loader.py reuse the set
         return Sizes(model="resnet50", image_size=224, batch=64, steps=12, log_every=4,
-                     workers=max(1, min(8, cores - 2)), n_train=3000, n_val=256, quant_threads=max(1, min(8, cores)),
+                     workers=max(1, min(8, cores - 2)), n_train=3000, n_val=256,
+                     quant_threads=max(1, min(8, cores)), quant_runs=3,
                      loop_args=["--model", "resnet50", "--size", "224", "--batch", "128", "--precision", "bf16",
                                 "--workers", str(max(1, min(12, cores - 2))), "--threads", "2", "--steps", "15",
                                 "--log-every", "5", "--repeats", "3"],
                      loader_args=["--workers", str(max(1, min(6, cores - 2))), "--batch", "64", "--warmup", "6",
                                   "--batches", "18", "--repeats", "3"])
     # n_train=200: the --quick set of make_images, reused by the --quick runs of the two bench scripts
-    return Sizes(model="resnet18", image_size=32, batch=16, steps=3, log_every=1, workers=1, n_train=200, n_val=48,
-                 quant_threads=1, loop_args=["--quick", "--model", "resnet18", "--workers", "1"],
+    return Sizes(model="resnet18", image_size=32, batch=16, steps=3, log_every=1, workers=1, n_train=200, n_val=32,
+                 quant_threads=1, quant_runs=1, loop_args=["--quick", "--model", "resnet18", "--workers", "1"],
                  loader_args=["--quick", "--workers", "1"])
 
 
@@ -144,6 +152,7 @@ class Runner:
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.current: Optional[subprocess.Popen] = None
+        self.last_log: Optional[Path] = None
         self.result: Optional[Result] = None
         self.check_deadline = deadline
 
@@ -162,6 +171,7 @@ class Runner:
         n = len(res.commands)
         log_path = self.logs / f"{res.name}{'-' + str(n) if n else ''}.log"
         res.commands.append(" ".join(cmd))
+        self.last_log = log_path
         timeout = max(1.0, min(timeout, self.check_deadline - time.monotonic()))
         with open(log_path, "w") as log:
             log.write("$ " + " ".join(cmd) + "\n")
@@ -202,7 +212,12 @@ def kill_group(proc: subprocess.Popen) -> None:
 def last_error(out: str) -> str:
     """The most telling line of a failed child's output (an exception or tldist's one-line error)."""
     lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    for ln in reversed(lines):  # tldist's own one-line error first (launchers repeat it inside their traceback)
+        if ln.startswith("tldist: error:"):
+            return ln[:240]
     for ln in reversed(lines):
+        if "ChildFailedError" in ln or "CalledProcessError" in ln:  # a launcher's summary, not the cause
+            continue
         if re.match(r"^(tldist: error:|[A-Za-z_.]*(Error|Exception|Interrupt)\b|AssertionError|RuntimeError|torch\.)",
                     ln):
             return ln[:240]
@@ -295,7 +310,7 @@ def train_row(ctx: Ctx, res: Result, name: str, extra: list[str], *, launcher: t
     cfg.write_text("# written by bench/gpu_check.py; every value comes from its overrides\n{}\n")
     info = child(ctx, "train", ctx.work / f"{name}.json", "train", str(cfg), *overrides, timeout=timeout,
                  launcher=launcher)
-    log = (ctx.run.logs / f"{name}.log").read_text(errors="replace")
+    log = ctx.run.last_log.read_text(errors="replace")
     steps = _STEP.findall(log)
     result = json.loads((out_dir / "result.json").read_text()) if (out_dir / "result.json").is_file() else {}
     res.details = {"child": info, "result": result, "log_steps": steps}
@@ -345,15 +360,36 @@ def _expect_fp16(log: str, result: dict) -> Optional[str]:
 
 
 def check_fsdp(ctx: Ctx, res: Result) -> None:
-    launcher = (ctx.py, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/fsdp.yaml"),
-                "--num_processes", "1", "--num_machines", "1", "--main_process_port", str(free_port()))
-    prec = "bf16" if ctx.device == "cuda" else "no"
-    result = train_row(ctx, res, res.name, ["train.fsdp=true", f"train.mixed_precision={prec}"], launcher=launcher,
-                       timeout=180)
-    if result.get("sharded_params") is not True or result.get("world_size") != 1:
-        raise CheckFailed(f"not sharded: sharded_params={result.get('sharded_params')} "
-                          f"world_size={result.get('world_size')}")
-    res.figures += ", params sharded (DTensor), world size 1"
+    """FSDP2 on one process, launched as the README says; if that fails, once more under torchrun, so the
+    table tells a launcher/config problem from an FSDP2 one."""
+    ctx.need("data")
+    overrides = ["train.fsdp=true", *(["train.mixed_precision=bf16"] if ctx.device == "cuda" else [])]
+    launchers = {
+        "accelerate launch fsdp.yaml": (ctx.py, "-m", "accelerate.commands.launch", "--config_file",
+                                        str(REPO / "configs/accelerate/fsdp.yaml"), "--num_processes", "1",
+                                        "--num_machines", "1", "--main_process_port", str(free_port())),
+        "torchrun": (ctx.py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1")}
+    errors = []
+    for how, launcher in launchers.items():
+        try:
+            result = train_row(ctx, res, res.name, overrides, launcher=launcher, timeout=180)
+            if result.get("sharded_params") is not True or result.get("world_size") != 1:
+                raise CheckFailed(f"not sharded: sharded_params={result.get('sharded_params')} "
+                                  f"world_size={result.get('world_size')}")
+        except CheckFailed as e:
+            errors.append(f"{how}: {e}")
+            if time.monotonic() > ctx.run.deadline - MIN_START_S:
+                break
+            continue
+        res.figures = f"{how}: " + res.figures + ", params sharded (DTensor), world size 1"
+        single = ctx.results["train-bf16" if ctx.device == "cuda" else "train-fp32"]
+        if single.status == "ok" and single.details.get("log_steps") and res.details.get("log_steps"):
+            res.figures += (f"; first logged loss {float(res.details['log_steps'][0][2]):.4f} vs "
+                            f"{float(single.details['log_steps'][0][2]):.4f} unsharded ({single.name})")
+        if errors:
+            raise CheckFailed("; ".join(errors) + f" -- but {how} passed")
+        return
+    raise CheckFailed("; ".join(errors))
 
 
 def free_port() -> int:
@@ -417,7 +453,8 @@ def check_quantize(ctx: Ctx, res: Result) -> None:
     t = ctx.sizes.quant_threads
     out = ctx.run([ctx.py, "-m", "tldist.cli", "compress", "quantize", ctx.data["export"], "--out", str(out_dir),
                    "--val", ctx.data["val"]["shards"], "--calib", ctx.data["train"]["shards"], "--calib-batches", "2",
-                   "--batch-size", str(min(32, ctx.sizes.batch)), "--latency-runs", "3", "--threads", str(t),
+                   "--batch-size", str(min(32, ctx.sizes.batch)), "--latency-runs", str(ctx.sizes.quant_runs),
+                   "--threads", str(t),
                    "--num-workers", str(min(2, ctx.sizes.workers))], timeout=200, threads=t)
     m = re.search(r"int8 \((\w+)\): .*", out)
     if not m:
@@ -452,14 +489,15 @@ def check_loader(ctx: Ctx, res: Result) -> None:
     ctx.need("data")
     js = ctx.work / "loader.json"
     js.unlink(missing_ok=True)
-    ctx.run([ctx.py, str(BENCH / "loader.py"), "--data", ctx.data["train"]["root"], "--variants", "shard-tv,shard-nvjpeg",
-             "--device", ctx.device, "--json", str(js), *ctx.sizes.loader_args], timeout=240, threads=1)
+    ctx.run([ctx.py, str(BENCH / "loader.py"), "--data", ctx.data["train"]["root"],
+             "--variants", "shard-tv,shard-nvjpeg", "--device", ctx.device, "--json", str(js),
+             *ctx.sizes.loader_args], timeout=240, threads=1)
     r = json.loads(js.read_text())
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     ips, cpu = r["images_per_s"], r["images_per_cpu_s"]
     res.details = r
-    res.figures = (f"224px b{r['batch']} {r['workers']} workers -> {r['device']}: torchvision {med(ips['shard-tv']):.0f}"
-                   f" img/s, nvjpeg {med(ips['shard-nvjpeg']):.0f} img/s "
+    res.figures = (f"224px b{r['batch']} {r['workers']} workers -> {r['device']}: "
+                   f"torchvision {med(ips['shard-tv']):.0f} img/s, nvjpeg {med(ips['shard-nvjpeg']):.0f} img/s "
                    f"(x{med([a / b for a, b in zip(ips['shard-nvjpeg'], ips['shard-tv'])]):.2f}); per CPU-s "
                    f"{med(cpu['shard-tv']):.0f} vs {med(cpu['shard-nvjpeg']):.0f}")
 
@@ -467,7 +505,7 @@ def check_loader(ctx: Ctx, res: Result) -> None:
 def check_pixels(ctx: Ctx, res: Result) -> None:
     ctx.need("data")
     r = child(ctx, "pixels", ctx.work / "pixels.json", ctx.device, str(ctx.sizes.image_size),
-              ctx.data["val"]["shards"], ctx.data["train"]["shards"], timeout=150)
+              ctx.data["val"]["shards"], ctx.data["train"]["shards"], str(min(2, ctx.sizes.workers)), timeout=150)
     res.details = r
     res.figures = (f"{r['images']} images at {ctx.sizes.image_size}px, nvjpeg on {ctx.device} vs torchvision on CPU: "
                    f"mean |diff| {r['mean_abs']:.3f}, max {r['max_abs']}, {r['frac_gt8']:.2%} of values > 8 levels; "
@@ -489,18 +527,20 @@ CHECKS: list[tuple[str, Callable[[Ctx, Result], None]]] = [
     ("export", check_export),
     ("predict", check_predict),
     ("quantize", check_quantize),
-    ("train-fp32", _train(["train.mixed_precision=no", "train.channels_last=false"], cuda_only=False)),
+    # fp32 is the default: the override `train.mixed_precision=no` fails (YAML reads `no` as false)
+    ("train-fp32", _train(["train.channels_last=false"], cuda_only=False)),
     ("train-fp16", _train(["train.mixed_precision=fp16", "train.channels_last=false"], expect=_expect_fp16)),
     ("train-bf16-cl", _train(["train.mixed_precision=bf16", "train.channels_last=true"])),
+    ("train-compile", _train(["train.mixed_precision=bf16", "train.channels_last=true", "train.compile=true"],
+                             timeout=300, expect=_expect_compile)),
     ("fsdp2", check_fsdp),
     ("loop-overhead", check_loop("pil")),
     ("loader", check_loader),
     ("nvjpeg-pixels", check_pixels),
-    ("train-compile", _train(["train.mixed_precision=bf16", "train.channels_last=true", "train.compile=true"],
-                             timeout=300, expect=_expect_compile)),
     ("train-nvjpeg", _train(["train.mixed_precision=bf16", "train.channels_last=true", "data.decode=nvjpeg"])),
     ("loop-nvjpeg", check_loop("nvjpeg", repeats=2, cuda_only=True)),
 ]
+DEPS = {"eval": ["train-bf16"], "export": ["train-bf16"], "predict": ["export"], "quantize": ["export"]}
 CPU_SKIP = {"fsdp2"}  # runs on CPU (gloo) with --cpu-fsdp; left out of the smoke test's time budget by default
 MIN_START_S = 20  # a check is not started with less budget left than this
 
@@ -548,7 +588,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--out", default=str(BENCH / "results"), help="where the table, JSON and logs go")
-    p.add_argument("--work", default=None, help="data, runs and logs (default: a fresh temp dir, removed unless --keep)")
+    p.add_argument("--work", default=None,
+                   help="data, runs and logs (default: a fresh temp dir, removed unless --keep)")
     p.add_argument("--keep", action="store_true", help="keep the work dir")
     p.add_argument("--budget-s", type=float, default=None, help="whole-run budget (default cuda 345, cpu 240)")
     p.add_argument("--only", default="", help="comma list of checks to run (plus what they need)")
@@ -556,19 +597,24 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-fsdp", action="store_true", help="also run the fsdp2 row on --device cpu (gloo, ~20 s)")
     a = p.parse_args(argv)
     a.budget_s = a.budget_s or (345.0 if a.device == "cuda" else 240.0)
-    started = time.monotonic()
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="tldist_gpu_check_"))
-    work.mkdir(parents=True, exist_ok=True)
-    runner = Runner(work, a.device, started + a.budget_s)
-    ctx = Ctx(args=a, device=a.device, work=work, sizes=sizes_for(a.device), run=runner, py=sys.executable)
     names = [n for n, _ in CHECKS]
     only = {n for n in a.only.split(",") if n}
     skip = {n for n in a.skip.split(",") if n}
     unknown = (only | skip) - set(names)
     if unknown:
         p.error(f"unknown checks {sorted(unknown)}; choose from {', '.join(names)}")
+    started = time.monotonic()
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="tldist_gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    runner = Runner(work, a.device, started + a.budget_s)
+    ctx = Ctx(args=a, device=a.device, work=work, sizes=sizes_for(a.device), run=runner, py=sys.executable)
     for n in names:
         ctx.results[n] = Result(n)
+    while only:  # what the selected checks need
+        more = {d for n in only for d in DEPS.get(n, [])} - only
+        if not more:
+            break
+        only |= more
 
     def on_term(signum, frame):  # killed from outside: stop the child, keep the table
         if runner.current is not None:
@@ -692,7 +738,7 @@ def child_train(out: Path, argv: list[str]) -> int:
     return rc
 
 
-def child_pixels(out: Path, device: str, size: str, val: str, train: str) -> int:
+def child_pixels(out: Path, device: str, size: str, val: str, train: str, workers: str = "2") -> int:
     """The same samples through data.decode=nvjpeg (decoded on ``device``) and =torchvision (CPU workers)."""
     import torch
 
@@ -701,7 +747,7 @@ def child_pixels(out: Path, device: str, size: str, val: str, train: str) -> int
     from tldist.data.pipeline import build_eval_loader, build_train_loader
     from tldist.world import World
 
-    image_size, dev = int(size), torch.device(device)
+    image_size, dev, workers = int(size), torch.device(device), int(workers)
     total, n, count, big, mx, same = 0.0, 0, 0, 0, 0, True
 
     def compare(d: dict, t: dict, mask=None) -> None:
@@ -718,14 +764,14 @@ def child_pixels(out: Path, device: str, size: str, val: str, train: str) -> int
         big += int((diff > 8).sum())
         mx = max(mx, int(diff.max()) if diff.numel() else 0)
 
-    base = dict(val=val, batch_size=32, num_workers=2)
+    base = dict(val=val, batch_size=32, num_workers=workers)
     for d, t in zip(build_eval_loader(DataConfig(**base, decode="nvjpeg"), World(), image_size=image_size),
                     build_eval_loader(DataConfig(**base, decode="torchvision"), World(), image_size=image_size)):
         compare(d, t, t["mask"])
-    loaders = [build_train_loader(DataConfig(train=[train], batch_size=32, num_workers=2, seed=7, decode=dec),
+    loaders = [build_train_loader(DataConfig(train=[train], batch_size=32, num_workers=workers, seed=7, decode=dec),
                                   World(), image_size=image_size) for dec in ("nvjpeg", "torchvision")]
     try:
-        for _, d, t in zip(range(3), *loaders):
+        for _, d, t in zip(range(3 if dev.type == "cuda" else 2), *loaders):
             compare(d, t)
     finally:
         for ld in loaders:

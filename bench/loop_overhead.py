@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="loader worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
-    p.add_argument("--decode", default="pil", choices=["pil", "torchvision", "nvjpeg"], help="data.decode of the real loader")
+    p.add_argument("--decode", default="pil", choices=["pil", "torchvision", "nvjpeg"],
+                   help="data.decode of the real loader")
     p.add_argument("--json", type=Path, default=None, help="also write the per-repeat figures to this JSON file")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per segment (first log window dropped)")
     p.add_argument("--log-every", type=int, default=5)

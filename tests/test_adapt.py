@@ -146,7 +146,7 @@ def _first_bn_reference(teacher: Path, target: Path) -> tuple[torch.Tensor, torc
     pre = loaded.meta["preprocess"]
     loader = build_eval_loader(DataConfig(batch_size=32, num_workers=0), World(0, 1, 0),
                                image_size=pre["image_size"], location=str(target))
-    normalize = Normalizer(pre["mean"], pre["std"])
+    normalize = Normalizer(pre["mean"], pre["std"], device="cpu")
     bn = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     seen: list[torch.Tensor] = []
     hook = bn.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach().double()))
@@ -183,7 +183,7 @@ def test_adabn_uses_the_exports_preprocessing(tiny_shards, tmp_path):
     raw = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(d)).convert("RGB")).copy()).permute(2, 0, 1)
                        for _, d, _ in samples_of(tiny_shards / "val")])
     with torch.no_grad():
-        ref = model.eval().conv1(Normalizer(pre["mean"], pre["std"])(raw)).double().mean((0, 2, 3))  # bn1's input
+        ref = model.eval().conv1(Normalizer(pre["mean"], pre["std"], device="cpu")(raw)).double().mean((0, 2, 3))  # bn1's input
     torch.testing.assert_close(load_file(str(tmp_path / "a" / "model.safetensors"))["bn1.running_mean"].double(), ref,
                                rtol=1e-4, atol=1e-5)
 

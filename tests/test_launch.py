@@ -110,6 +110,7 @@ def test_export_distributed_env_overwrites_leaked_vars(monkeypatch):
 def test_choose_resume_keeps_warm_start_only_on_first_attempt(tmp_path):
     from tldist.config import load_config
     from tldist.launch.job import choose_resume
+    from tldist.train.checkpoint import MARKER
 
     warm = tmp_path / "other" / "step_00000010"
     warm.mkdir(parents=True)
@@ -119,6 +120,7 @@ def test_choose_resume_keeps_warm_start_only_on_first_attempt(tmp_path):
     own = tmp_path / "run" / "checkpoints" / "step_00000004"
     own.mkdir(parents=True)
     (own / "trainer.json").write_text("{}")
+    (own / MARKER).write_text(json.dumps({"members": {"trainer.json": 2}}))  # complete (is_complete)
     assert choose_resume(cfg) == "auto"  # a requeued attempt continues from its own checkpoint
     cfg.checkpoint.resume = "none"
     assert choose_resume(cfg) == "auto"

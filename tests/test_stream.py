@@ -175,15 +175,18 @@ def test_unreadable_shards_are_named_by_url_and_reason(tmp_path, caplog, monkeyp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with serve_http(tmp_path / "empty") as url:  # a server without the shards: 404
-        cases = {f"{url}/train-{{000000..000001}}.tar": "curl exited with status 22: the server answered with an HTTP error",
-                 f"http://127.0.0.1:{port}/train-{{000000..000001}}.tar": "curl exited with status 7: could not connect"}
+        cases = {
+            f"{url}/train-{{000000..000001}}.tar": "curl exited with status 22: the server answered with an HTTP error",
+            f"http://127.0.0.1:{port}/train-{{000000..000001}}.tar": "curl exited with status 7: could not connect",
+        }
         for pattern, why in cases.items():
             caplog.clear()
             monkeypatch.setattr(stream, "_throttle", stream.Throttle())  # its first warnings are always shown
             ld = build_train_loader(cfg([tmp_path / "s"], num_workers=0, train_urls=[pattern]), World(0, 1),
                                     image_size=SIZE)
-            with caplog.at_level(logging.WARNING, logger="tldist.data"), pytest.raises(DataError, match="failed to load"):
-                next(ld)
+            with caplog.at_level(logging.WARNING, logger="tldist.data"):
+                with pytest.raises(DataError, match="failed to load"):
+                    next(ld)
             ld.close()
             shard = pattern.replace("{000000..000001}", "000000")
             assert f"shard {shard} cannot be read ({why}" in caplog.text

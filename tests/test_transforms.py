@@ -109,14 +109,14 @@ def test_normalizer_matches_reference_and_channels_last():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    out = Normalizer(mean, std)(x)
+    out = Normalizer(mean, std, device="cpu")(x)
     assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
-    cl = Normalizer(mean, std, channels_last=True)(x)
+    cl = Normalizer(mean, std, device="cpu", channels_last=True)(x)
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.allclose(cl, ref, atol=1e-5)
-    assert Normalizer(mean, std, dtype=torch.bfloat16)(x).dtype == torch.bfloat16
-    assert not Normalizer().state_dict()  # non-persistent buffers
+    assert Normalizer(mean, std, device="cpu", dtype=torch.bfloat16)(x).dtype == torch.bfloat16
+    assert not Normalizer(device="cpu").state_dict()  # non-persistent buffers
     with pytest.raises(ValueError):
-        Normalizer()(x[0])
+        Normalizer(device="cpu")(x[0])
 
 
 # ---------------------------------------------------------------------------------------

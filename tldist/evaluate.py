@@ -76,7 +76,8 @@ def evaluate_checkpoint(cfg: JobConfig, checkpoint: str) -> dict[str, Any]:
     loader = build_eval_loader(cfg.data, world_of(accelerator), image_size=pre["image_size"],
                                interpolation=pre["interpolation"], crop_pct=pre["crop_pct"], classes=classes)
     transform = loader.dataset.transform
-    normalize = Normalizer(pre["mean"], pre["std"], channels_last=cfg.train.channels_last)
+    normalize = Normalizer(pre["mean"], pre["std"], device=accelerator.device,
+                           channels_last=cfg.train.channels_last and accelerator.device.type == "cuda")
     acc = EvalAccumulator(num_classes, accelerator.device)
     with accelerator.autocast():
         for batch in loader:

@@ -207,7 +207,7 @@ def predict(export_dir: str | Path, images: list[str], top_k: int = 3) -> list[d
     model, meta = load_exported(export_dir)
     pre = meta["preprocess"]
     transform = build_eval_transform(pre["image_size"], pre.get("interpolation", "bilinear"), preprocess_crop_pct(pre))
-    normalize = Normalizer(pre["mean"], pre["std"], channels_last=False)
+    normalize = Normalizer(pre["mean"], pre["std"], device=torch.device("cpu"))  # predict runs on the CPU
     results = []
     for path in images:
         try:

@@ -95,8 +95,8 @@ def load_pickle_free(path: str | Path, *, what: str, allow: Sequence[Any] = (), 
         if name is not None:
             raise UnsafeFileError(
                 f"refusing to load {what} '{path}': it references {name}, which is not on tldist's list of "
-                "safe types (loading it could run code); nothing was executed. Re-save only the state dict: "
-                "torch.save(model.state_dict(), 'clean.pt')") from None
+                "safe types (loading it could run code); nothing was executed. Use a file of tensors and plain data "
+                "only, e.g. torch.save(model.state_dict(), 'clean.pt') from a trusted copy") from None
         raise UserError(f"{what} '{path}' could not be read: it is not a plain torch.save file "
                         f"({_reason(str(e))})") from None
     except EOFError:

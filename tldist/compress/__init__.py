@@ -219,12 +219,12 @@ def barrier() -> None:
 # Exact evaluation across ranks
 # ---------------------------------------------------------------------------------------
 
-def eval_inputs(meta: dict[str, Any]):
-    """The ``Normalizer`` of an exported model's preprocessing."""
+def eval_inputs(meta: dict[str, Any], device: torch.device | str):
+    """The ``Normalizer`` of an exported model's preprocessing, producing batches on ``device``."""
     from tldist.data.transforms import Normalizer
 
     pre = meta["preprocess"]
-    return Normalizer(pre["mean"], pre["std"], channels_last=False)
+    return Normalizer(pre["mean"], pre["std"], device=device)
 
 
 def shard_batches(location: str, meta: dict[str, Any], world: World, *, batch_size: int, num_workers: int):
@@ -253,7 +253,7 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], meta: dict[str, Any]
     from tldist.train.metrics import EvalAccumulator
 
     model_device = torch.device(model_device or device)
-    normalize = eval_inputs(meta)
+    normalize = eval_inputs(meta, model_device)
     acc = EvalAccumulator(int(meta["num_classes"]), device)
     for batch in shard_batches(val, meta, world, batch_size=batch_size, num_workers=num_workers):
         logits = model(normalize(batch["image"].to(model_device)))

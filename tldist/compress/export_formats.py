@@ -42,7 +42,7 @@ def check_inputs(meta: dict[str, Any], val: Optional[str], *, batch_sizes: tuple
     size = int(meta["preprocess"]["image_size"])
     need = sum(batch_sizes)
     if val:
-        normalize = eval_inputs(meta)
+        normalize = eval_inputs(meta, "cpu")  # exported files are checked on the CPU
         images: list[torch.Tensor] = []
         for batch in shard_batches(val, meta, World(), batch_size=need, num_workers=num_workers):
             images.append(batch["image"][batch["mask"]])

@@ -109,7 +109,7 @@ def finetune(model: nn.Module, meta: dict[str, Any], train: str, *, steps: int, 
                      train_crop_scale=[0.8, 1.0], hflip=hflip, pin_memory=False)
     loader = build_train_loader(cfg, world, image_size=int(pre["image_size"]),
                                 interpolation=pre.get("interpolation", "bilinear"))
-    normalize = eval_inputs(meta)
+    normalize = eval_inputs(meta, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))

@@ -50,7 +50,7 @@ def _quiet() -> Iterator[None]:
 def calibration_batches(location: str, meta: dict[str, Any], *, batches: int, batch_size: int,
                         num_workers: int) -> list[torch.Tensor]:
     """Up to ``batches`` normalized image batches from the shard set ``location`` (this process reads all shards)."""
-    normalize = eval_inputs(meta)
+    normalize = eval_inputs(meta, "cpu")  # int8 calibration runs on the CPU
     out: list[torch.Tensor] = []
     for batch in shard_batches(location, meta, World(), batch_size=batch_size, num_workers=num_workers):
         images = batch["image"][batch["mask"]]

@@ -381,11 +381,13 @@ class Normalizer(torch.nn.Module):
 
     ``mean``/``std`` are in [0, 1] units (torchvision weights' ``transforms().mean``). The
     copy to the device happens first (4x fewer bytes than float), conversion runs there.
-    Buffers are non-persistent, so this module never appears in a model's state dict.
+    ``device`` has no default: the caller passes the model's device (``accelerator.device``),
+    so a batch never takes a detour through the CPU. Buffers are non-persistent, so this module
+    never appears in a model's state dict.
     """
 
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 device: Any = None, channels_last: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *,
+                 device: Any, channels_last: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ConfigError(f"normalization mean {list(mean)} / std {list(std)}: give 3 values each, std > 0")
@@ -396,8 +398,7 @@ class Normalizer(torch.nn.Module):
         self.register_buffer("shift", -mean_t / std_t, persistent=False)
         self.channels_last = channels_last
         self.dtype = dtype
-        if device is not None:
-            self.to(device)
+        self.to(device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:

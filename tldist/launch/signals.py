@@ -16,7 +16,7 @@ returns with ``stopped=True``. The caller then decides about the requeue (see
 :mod:`tldist.launch.job`). Forked DataLoader workers inherit these handlers, so signals that
 SLURM sends to every process of a step do not kill them.
 
-:func:`die_with_launcher` / :func:`die_with_parent` cover the opposite case: a launcher that is
+:func:`die_with_parent` covers the opposite case: a launcher that is
 killed (``kill -9`` of ``accelerate launch``, or of its process group) must take its training
 processes with it. torch-elastic starts each rank in a session of its own, so without this they
 would run on as orphans and keep writing checkpoints into ``output_dir``.

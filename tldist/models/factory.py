@@ -97,7 +97,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0,
     the ``model_kwargs`` a tldist checkpoint (``trainer.json``) or export (``model.json``) records; for
     older tldist checkpoints, their ``config.yaml`` (pretrained and no checkpoint of its own: the
     pretrained architecture); for other trainers' ``.pth`` files, their saved ``args`` (torchvision's
-    ``args.weights``, timm's ``args.pretrained``/``bn_eps``/``global_pool``/``model_kwargs``); else
+    ``args.weights``, timm's ``args.pretrained``/``bn_eps``/``gp``/``model_kwargs``); else
     ``cfg.pretrained``: the architecture of the pretrained weights (e.g. googlenet with
     ``transform_input=True``), whether or not a plain state-dict checkpoint replaces them.
 

@@ -276,7 +276,9 @@ class RunLock:
 
     ``release()`` removes the lock file if it is still this run's (idempotent; a no-op in a forked
     child). While held, a daemon thread touches the file every ``info.heartbeat_s`` seconds; if
-    the file was removed or taken over meanwhile, ``lost`` becomes True and an error is logged.
+    the file was removed or taken over meanwhile (this run was judged dead, e.g. its node was cut
+    off and the job requeued elsewhere), ``lost`` becomes True and an error is logged: check it
+    before writing a checkpoint.
     """
 
     def __init__(self, path: Path, info: LockInfo):
@@ -306,6 +308,8 @@ class RunLock:
         while not self._stop.wait(self.info.heartbeat_s):
             try:
                 if not self._still_mine():
+                    if self._stop.is_set():  # release() removed it meanwhile
+                        return
                     self.lost = True
                     log.error("the run lock %s was removed or taken over by another run while this run (pid %d) "
                               "held it: two runs may now write to %s", self.path, self.info.pid, self.path.parent)
