@@ -183,7 +183,8 @@ def test_adabn_uses_the_exports_preprocessing(tiny_shards, tmp_path):
     raw = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(d)).convert("RGB")).copy()).permute(2, 0, 1)
                        for _, d, _ in samples_of(tiny_shards / "val")])
     with torch.no_grad():
-        ref = model.eval().conv1(Normalizer(pre["mean"], pre["std"], device="cpu")(raw)).double().mean((0, 2, 3))  # bn1's input
+        x = Normalizer(pre["mean"], pre["std"], device="cpu")(raw)
+        ref = model.eval().conv1(x).double().mean((0, 2, 3))  # the input of bn1, averaged per channel
     torch.testing.assert_close(load_file(str(tmp_path / "a" / "model.safetensors"))["bn1.running_mean"].double(), ref,
                                rtol=1e-4, atol=1e-5)
 
@@ -279,7 +280,7 @@ def _bad_cases(work, tmp: Path) -> list[tuple[list[str], str]]:
         (["adapt", "adabn", "--model", str(tmp / "nope"), "--target", val, "--out", str(tmp / "o")], "does not exist"),
         (["adapt", "adabn", "--model", teacher, "--target", empty, "--out", str(tmp / "o")], "holds no samples"),
         (["adapt", "adabn", "--model", teacher, "--target", val, "--val", six, "--out", str(tmp / "o")],
-         "classes the training data lacks"),
+         "has classes the model does not know: ['c4', 'c5']"),
         (["adapt", "lpft", "configs/test_tiny.yaml", f"data.train=[{unl}]", f"output_dir={tmp}/l",
           f"model.checkpoint={tmp}/nope", *TINY, "--probe-epochs", "1"], "does not exist"),
         (["adapt", "lpft", "configs/test_tiny.yaml", f"data.train=[{six}]", f"output_dir={tmp}/l",

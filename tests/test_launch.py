@@ -558,3 +558,29 @@ def test_sweep_runs_as_a_job_array(slurm_cluster, tiny_shards, tmp_path):
         assert slurm_cluster.wait_final_state(f"{array_id}_{i}") == "COMPLETED"
     print(f"\n[timing] sweep of 2 array tasks: {seconds:.1f}s (submit -> both results)")
     print("\n".join(_sacct_lines(slurm_cluster, array_id)))
+
+
+@pytest.mark.slurm
+def test_a_failing_rank_ends_the_slurm_job_within_seconds(slurm_cluster, tmp_path):
+    """Issue 11 under SLURM: one corrupt shard read only by rank 1. Both tasks leave through the agreed
+    data-fault path and the job ends FAILED well before its time limit, the error printed once (rank 0's
+    log); before, rank 1 waited in a barrier and rank 0 in an all-reduce until the 10-minute limit."""
+    import submitit
+    from test_train import shards_with_corrupt_rank1_shards
+
+    train = shards_with_corrupt_rank1_shards(tmp_path, [5])
+    out, folder = tmp_path / "run", tmp_path / "submitit"
+    t0 = time.monotonic()
+    proc = cli("submit", CONFIG, f"data.train=[{train}]", f"output_dir={out}", *TRAIN[:-3], "data.num_workers=0",
+               "train.max_steps=200", "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+               "--partition", slurm_cluster.partition, "--folder", str(folder), env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.split("submitted job ", 1)[1].split()[0]
+    job = submitit.SlurmJob(folder=folder / "%j", job_id=job_id, tasks=(0, 1))
+    _wait(job.done, 180, f"job {job_id} to end", job)
+    seconds = time.monotonic() - t0
+    state = slurm_cluster.wait_final_state(job_id)
+    assert state == "FAILED", (state, _sacct_lines(slurm_cluster, job_id))
+    logs = _job_logs(folder, job_id)
+    assert logs.count("samples read on rank 1 failed to load") == 1, logs[-3000:]
+    print(f"\n[timing] failing-rank job: submit -> end {seconds:.1f}s (time limit 600 s)")

@@ -40,6 +40,11 @@ print(json.dumps({"locked": lock.info.__dict__}), flush=True)
 if len(sys.argv) > 3 and sys.argv[3] == "exit":
     sys.exit(0)
 sys.stdin.read()
+if len(sys.argv) > 3 and sys.argv[3] == "expect-lost":  # give the heartbeat thread time to notice
+    import time
+    deadline = time.monotonic() + 20 * lock.info.heartbeat_s
+    while not lock.lost and time.monotonic() < deadline:
+        time.sleep(0.05)
 print(json.dumps({"lost": lock.lost}), flush=True)
 lock.release()
 """
@@ -211,7 +216,7 @@ def test_live_holder_in_another_pid_namespace_is_judged_by_its_heartbeat(tmp_pat
     prefix = ("unshare", "--pid", "--fork", "--mount-proc")
     if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare --pid is not permitted here")
-    holder, got = start_holder(out, 0.5, prefix=prefix)
+    holder, got = start_holder(out, 0.5, "expect-lost", prefix=prefix)
     path = out / LOCK_NAME
     try:
         assert got["locked"]["pid_ns"] != pid_namespace()
@@ -254,3 +259,26 @@ def _signal_tree(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def test_a_run_whose_lock_was_taken_over_writes_no_checkpoint(tmp_path):
+    """The checkpoint manager asks the lock before writing: once another run holds the directory
+    (here: the lock file replaced by another holder's), saving raises and nothing is written."""
+    import torch
+
+    from tldist.train.checkpoint import CheckpointManager
+    from tldist.train.lock import RunLockError, acquire_run_lock
+
+    lock = acquire_run_lock(tmp_path)
+    mgr = CheckpointManager(tmp_path / "checkpoints", keep_last=2, is_main=True)
+    mgr.guard = lock.ensure_held
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    kw = dict(model=model, optimizer=opt, scheduler=sched, trainer_state={}, loader_state={}, config_yaml="")
+    mgr.save(1, **kw)
+    lock.path.write_text(lock.path.read_text().replace(lock.info.token, "someone-else"))
+    with pytest.raises(RunLockError, match="no longer held"):
+        mgr.save(2, **kw)
+    assert [s for s, _ in mgr.all_steps()] == [1]
+    lock.release()

@@ -16,6 +16,7 @@ has just written itself (``tldist compress``), see :func:`tldist.compress.load_s
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import re
 import warnings
@@ -104,3 +105,31 @@ def load_pickle_free(path: str | Path, *, what: str, allow: Sequence[Any] = (), 
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, struct.error, KeyError... for junk
         raise UserError(f"{what} '{path}' could not be read ({type(e).__name__}: {_reason(str(e))}); "
                         "the file is truncated or not a torch.save file") from None
+
+
+def read_json(path: str | Path, *, what: str) -> Any:
+    """The JSON document in ``path``; a missing, unreadable or malformed file raises a one-line
+    :class:`UserError` naming ``what`` (its role, e.g. ``"checkpoint metadata"``) and the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' does not exist") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{what} '{path}' is not readable JSON ({type(e).__name__}: {_clean(str(e))[:160]}); "
+                        "the file is corrupt or was cut off: restore or delete it") from None
+
+
+def read_yaml(path: str | Path, *, what: str) -> Any:
+    """The YAML document in ``path`` (``yaml.safe_load``: no Python objects); errors as :func:`read_json`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' does not exist") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        first = _clean(str(e)).replace("\n", " ")[:160]
+        raise UserError(f"{what} '{path}' is not readable YAML ({type(e).__name__}: {first}); "
+                        "the file is corrupt or was cut off: restore or delete it") from None

@@ -31,6 +31,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Optional
 
+from tldist.errors import UserError
+
 log = logging.getLogger("tldist.launch")
 
 STOPPED_EXIT_CODE = 3
@@ -154,6 +156,12 @@ class TrainJob:
         with StopSignals() as stop:
             try:
                 result = run(cfg)
+            except UserError as e:
+                if job_env.global_rank != 0 and e.same_on_every_rank:
+                    # every rank raised it alike (a config mistake, an agreed data fault): rank 0's log and
+                    # submitit result carry it; this task ends with the CLI's status for user errors
+                    raise SystemExit(2) from None
+                raise
             except Exception:
                 if "SIGTERM" not in stop.received:
                     raise

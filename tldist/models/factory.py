@@ -545,10 +545,9 @@ def _recorded_arch(path: Path, name: str, depth: int = 0) -> dict[str, Any] | bo
     raises :class:`UserError` when it records a model other than ``name``."""
 
     def read_json(f: Path) -> dict[str, Any]:
-        try:
-            d = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"model.checkpoint metadata '{f}' could not be read ({type(e).__name__}: {e})") from None
+        from tldist.safeload import read_json as read
+
+        d = read(f, what="model.checkpoint metadata")
         if not isinstance(d, dict):
             raise UserError(f"model.checkpoint metadata '{f}' is not a JSON object")
         return d

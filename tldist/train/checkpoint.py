@@ -31,7 +31,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from tldist.errors import UserError
-from tldist.safeload import load_pickle_free
+from tldist.safeload import load_pickle_free, read_json
 
 log = logging.getLogger("tldist")
 
@@ -129,6 +129,9 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.is_main = is_main
         self._warned: set[Path] = set()
+        self.guard: Optional[Callable[[], None]] = None
+        """Called on the main process before every write; raises to refuse it (e.g. the run's
+        output-directory lock was taken over by another job: this process must not write)."""
 
     # ---- lookup ---------------------------------------------------------------------------
     def all_steps(self) -> list[tuple[int, Path]]:
@@ -158,7 +161,7 @@ class CheckpointManager:
         f = self.root / "best.json"
         if not f.is_file():
             return None
-        p = self.root / json.loads(f.read_text())["dir"]
+        p = self.root / str(read_json(f, what="best-checkpoint record").get("dir", ""))
         return p if p.is_dir() and is_complete(p) else None
 
     def resolve_resume(self, resume: str) -> Optional[Path]:
@@ -191,6 +194,8 @@ class CheckpointManager:
         rngs = gather_objects(rng_state())
         final = self.root / f"step_{step:08d}"
         if self.is_main:
+            if self.guard is not None:
+                self.guard()
             tmp = self.root / f".tmp-step_{step:08d}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

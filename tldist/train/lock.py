@@ -318,6 +318,17 @@ class RunLock:
             except OSError as e:  # a filesystem hiccup: try again at the next beat
                 log.warning("could not refresh the run lock %s: %s", self.path, e)
 
+    def ensure_held(self) -> None:
+        """Raise :class:`RunLockError` unless the lock file is still this run's (one small read).
+
+        Called before every checkpoint write: a run whose lock was taken over (it was judged dead
+        and the job started again elsewhere) must stop instead of writing beside its successor.
+        """
+        if self.lost or self._released or not self._still_mine():
+            self.lost = True
+            raise RunLockError(f"the run lock {self.path} is no longer held by this run (pid {self.info.pid}): another "
+                               f"run took over {self.path.parent}; stopping without writing a checkpoint")
+
     def release(self) -> None:
         """Stop the heartbeat and remove the lock file if it is still this run's. Idempotent."""
         if self._released or os.getpid() != self.info.pid:  # forked children never release the parent's lock

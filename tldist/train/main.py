@@ -269,6 +269,8 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     trainer = None
     try:
         trainer = build(cfg, accelerator)
+        if lock is not None:
+            trainer.checkpoints.guard = lock.ensure_held
         result = trainer.fit()
         result["tracker_run_id"] = trainer.tracker.run_id
         trainer.tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})

@@ -80,7 +80,10 @@ class WandbTracker(Tracker):
         self._wandb = wandb
         id_file = output_dir / "tracker.json"
         if run_id is None and id_file.is_file():
-            run_id = json.loads(id_file.read_text()).get("run_id")
+            from tldist.safeload import read_json
+
+            recorded = read_json(id_file, what="W&B run record")
+            run_id = recorded.get("run_id") if isinstance(recorded, dict) else None
         self.run_id = run_id or uuid.uuid4().hex[:12]
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp = id_file.with_suffix(".json.tmp")
