@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Single-node development SLURM cluster (with accounting) for tldist tests.
+# Development SLURM cluster (with accounting) for tldist tests: one node, or N nodes each in its own
+# network namespace (own IP on a private bridge, own hostname and /etc/hosts).
 #
 #   slurm/dev-cluster.sh start   [STATE_DIR]   install if needed, start, wait until idle
 #   slurm/dev-cluster.sh stop    [STATE_DIR]   stop daemons (idempotent)
@@ -7,7 +8,20 @@
 #   slurm/dev-cluster.sh status  [STATE_DIR]   sinfo/squeue; exit 0 iff the cluster answers
 #   slurm/dev-cluster.sh env     [STATE_DIR]   print the export line only
 #
-# STATE_DIR defaults to $TLDIST_SLURM_STATE_DIR or /tmp/tldist-slurm.
+# Multi-node (TLDIST_SLURM_NODES=N, N >= 2; `stop`/`status` read N back from STATE_DIR):
+#   TLDIST_SLURM_NODES=2 slurm/dev-cluster.sh start [STATE_DIR]
+#   slurm/dev-cluster.sh node K CMD...        run CMD on node K (its netns, hostname, hosts file)
+#   slurm/dev-cluster.sh link K down|up       cut / restore node K's link to the bridge
+#   slurm/dev-cluster.sh slurmd K kill|start  SIGKILL node K's slurmd / start it again
+#   slurm/dev-cluster.sh resume K             scontrol update nodename=<node K> state=resume
+#   slurm/dev-cluster.sh nodes                print "name ip namespace host-veth" per node
+# (these helpers take STATE_DIR from $TLDIST_SLURM_STATE_DIR only.)  Node K is named nodeK, has
+# address $TLDIST_SLURM_SUBNET.(10+K) on a bridge holding $TLDIST_SLURM_SUBNET.1 (the controller),
+# no default route and an empty resolv.conf: nothing leaves that /24.  `stop` removes every
+# namespace, veth and the bridge it made; the real /etc/hosts is never touched.
+#
+# STATE_DIR defaults to $TLDIST_SLURM_STATE_DIR, else /tmp/tldist-slurm (one node) or
+# /tmp/tldist-slurm-<N>nodes.
 # After `start`, run the printed `export SLURM_CONF=...` (or: eval "$(slurm/dev-cluster.sh env)").
 #
 # Everything lives under STATE_DIR: slurm.conf, slurmdbd.conf, munge key/socket, a private
@@ -19,6 +33,10 @@
 #   TLDIST_SLURM_PORT_BASE=N       first of 4 TCP ports (ctld, slurmd, dbd, mariadb)
 #   TLDIST_SLURM_START_TIMEOUT=60  seconds to wait for each readiness check
 #   TLDIST_SLURM_FRESH=1           on start, also wipe the accounting database
+#   TLDIST_SLURM_NODES=1           compute nodes; >= 2 puts each in its own network namespace
+#   TLDIST_SLURM_SUBNET=10.213.7   private /24 of the multi-node bridge (first three octets)
+#   TLDIST_SLURM_SLURMD_TIMEOUT=6  multi-node: SlurmdTimeout (MessageTimeout=3): a dead node goes
+#                                  DOWN (and its jobs requeue) ~10 s after the fault
 #
 # Exit codes: 0 ok, 1 failure, 2 usage, 3 cannot get root, 4 packages missing and no apt-get
 # (the test fixture skips on 3 and 4 unless CI=true).
@@ -28,25 +46,37 @@ PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
 CLUSTER=tldist
 PARTITION=debug
 CMD=${1:-}
-STATE=${2:-${TLDIST_SLURM_STATE_DIR:-/tmp/tldist-slurm}}
-CPUS=${TLDIST_SLURM_CPUS:-8}
+NODES=${TLDIST_SLURM_NODES:-1}
 TIMEOUT=${TLDIST_SLURM_START_TIMEOUT:-60}
 
 log() { printf '[dev-cluster] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
+[[ $NODES =~ ^[1-9][0-9]?$ ]] || { log "TLDIST_SLURM_NODES=$NODES is not a node count (1-99)"; exit 2; }
+HELPER_ARGS=()
 case "$CMD" in
-  start|stop|restart|status|env) ;;
-  *) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  start|stop|restart|status|env)
+    if ((NODES > 1)); then STATE=${2:-${TLDIST_SLURM_STATE_DIR:-/tmp/tldist-slurm-${NODES}nodes}}
+    else STATE=${2:-${TLDIST_SLURM_STATE_DIR:-/tmp/tldist-slurm}}; fi ;;
+  node|link|slurmd|resume|nodes)
+    STATE=${TLDIST_SLURM_STATE_DIR:-/tmp/tldist-slurm-${NODES}nodes}
+    HELPER_ARGS=("${@:2}") ;;
+  *) usage ;;
 esac
+# stop/status/helpers of a running multi-node cluster: its node count is recorded in the state dir
+if [[ $CMD != start && $CMD != restart && -s $STATE/nodes.env ]]; then
+  NODES=$(sed -n 's/^NODES=//p' "$STATE/nodes.env")
+fi
+if ((NODES > 1)); then CPUS=${TLDIST_SLURM_CPUS:-4}; else CPUS=${TLDIST_SLURM_CPUS:-8}; fi
 
 # ---------------------------------------------------------------- privileges
 if [[ $EUID -ne 0 ]]; then
   if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    exec sudo -n --preserve-env=TLDIST_SLURM_CPUS,TLDIST_SLURM_PORT_BASE,TLDIST_SLURM_START_TIMEOUT,TLDIST_SLURM_FRESH \
-      bash "$0" "$CMD" "$STATE"
+    exec sudo -n --preserve-env=TLDIST_SLURM_CPUS,TLDIST_SLURM_PORT_BASE,TLDIST_SLURM_START_TIMEOUT,TLDIST_SLURM_FRESH,TLDIST_SLURM_NODES,TLDIST_SLURM_SUBNET,TLDIST_SLURM_SLURMD_TIMEOUT,TLDIST_SLURM_STATE_DIR \
+      bash "$0" "$CMD" "${HELPER_ARGS[@]:-$STATE}"
   fi
-  if [[ $CMD == status || $CMD == env ]] && [[ -f $STATE/slurm.conf ]]; then
+  if [[ $CMD == status || $CMD == env || $CMD == nodes ]] && [[ -f $STATE/slurm.conf ]]; then
     :  # read-only commands work without root
   else
     log "needs root (or passwordless sudo) to install/run SLURM daemons; uid=$EUID"
@@ -64,7 +94,24 @@ export SLURM_CONF=$CONF
 
 # daemon name -> pid file
 pidfile() { echo "$STATE/run/$1.pid"; }
-DAEMONS_STOP_ORDER=(slurmd slurmctld slurmdbd mariadbd munged)
+if ((NODES > 1)); then DAEMONS_STOP_ORDER=(slurmctld slurmdbd mariadbd munged)  # + one slurmd per node
+else DAEMONS_STOP_ORDER=(slurmd slurmctld slurmdbd mariadbd munged); fi
+
+# ---------------------------------------------------------------- multi-node network
+# Names are derived from the state dir, so two clusters (different state dirs) never share a
+# bridge, veth or namespace.  Interface names stay <= 15 characters.
+SUBNET=${TLDIST_SLURM_SUBNET:-10.213.7}
+NETP=tl$(printf '%s' "$STATE" | cksum | cut -d' ' -f1 | xargs printf '%06x' | tail -c 6)
+if [[ -s $STATE/nodes.env && $CMD != start && $CMD != restart ]]; then
+  SUBNET=$(sed -n 's/^SUBNET=//p' "$STATE/nodes.env")
+  NETP=$(sed -n 's/^NETP=//p' "$STATE/nodes.env")
+fi
+BRIDGE=$NETP-br
+CTL_IP=$SUBNET.1
+node_host() { echo "node$1"; }
+node_ip() { echo "$SUBNET.$((10 + $1))"; }
+node_ns() { echo "$NETP-node$1"; }
+node_veth() { echo "$NETP-v$1"; }
 
 # ---------------------------------------------------------------- process helpers
 # Is PID alive (not gone, not a zombie), with the expected comm, and does it belong to this
@@ -208,8 +255,11 @@ next_first_job_id() {
   # Fresh job-id block per cold start (trap: ids restarting at 1 make a reused submitit folder
   # hand back stale result pickles).  100 ids per wall-clock second, wrapping every ~7.7 days;
   # stays below the default MaxJobId (67043328).  Never goes backwards within a state dir.
-  local f=$STATE/last-first-job-id prev=0 id
-  id=$(( ($(date +%s) % 670000) * 100 + 1 ))
+  # A multi-node cluster counts from a block 50000 s ahead, so that it and a single-node cluster
+  # started in the same second do not hand out the same ids (one submitit watcher sees both).
+  local f=$STATE/last-first-job-id prev=0 id shift=0
+  ((NODES > 1)) && shift=50000
+  id=$(( (($(date +%s) + shift) % 670000) * 100 + 1 ))
   [[ -s $f ]] && prev=$(tr -dc '0-9' <"$f")
   if (( id <= ${prev:-0} && ${prev:-0} < 66990000 )); then id=$(( prev + 10000 )); fi
   echo "$id" >"$f"
@@ -223,15 +273,30 @@ node_name() {
 }
 
 write_configs() {
-  local node mem first
+  local node mem first ctl_addr=127.0.0.1 kind=single-node nodelist spool pidf logf nodelines="" extra="" k
   node=$(node_name)
   mem=$(slurmd -C 2>/dev/null | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p' | head -n1)
   [[ -n $mem ]] || mem=1000
   first=$(next_first_job_id)
+  nodelist=$node spool=$STATE/slurmd pidf=$(pidfile slurmd) logf=$STATE/log/slurmd.log
+  if ((NODES > 1)); then
+    # slurmctld/slurmdbd listen in the root namespace; nodes reach them through the bridge address
+    # (inside a node, 127.0.0.1 is that node's own loopback: sacct/submitit run there too).
+    ctl_addr=$CTL_IP kind=$NODES-node nodelist=$(node_host 1)
+    spool=$STATE/slurmd/%n pidf=$STATE/run/slurmd-%n.pid logf=$STATE/log/slurmd-%n.log
+    for ((k = 1; k <= NODES; k++)); do
+      nodelines+="NodeName=$(node_host "$k") NodeAddr=$(node_ip "$k") NodeHostname=$(node_host "$k") CPUs=$CPUS RealMemory=$mem State=UNKNOWN"$'\n'
+      ((k > 1)) && nodelist+=,$(node_host "$k")
+    done
+    # fast failure detection: a node that stops answering is DOWN (and its jobs requeued) ~10 s later
+    extra="SlurmdTimeout=${TLDIST_SLURM_SLURMD_TIMEOUT:-6}"$'\n'"MessageTimeout=3"$'\n'
+  else
+    nodelines="NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node CPUs=$CPUS RealMemory=$mem State=UNKNOWN"$'\n'
+  fi
   cat >"$CONF" <<EOF
-# generated by slurm/dev-cluster.sh -- single-node dev cluster, state in $STATE
+# generated by slurm/dev-cluster.sh -- $kind dev cluster, state in $STATE
 ClusterName=$CLUSTER
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$node($ctl_addr)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -240,11 +305,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$MUNGE_SOCK,cred_expire=10
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/slurmd
+SlurmdSpoolDir=$spool
 SlurmctldPidFile=$(pidfile slurmctld)
-SlurmdPidFile=$(pidfile slurmd)
+SlurmdPidFile=$pidf
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$logf
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -256,7 +321,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
 ReturnToService=2
-MailProg=/bin/true
+${extra}MailProg=/bin/true
 FirstJobId=$first
 JobRequeue=1
 KillWait=5
@@ -268,20 +333,19 @@ PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost=$ctl_addr
 AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$MUNGE_SOCK
 JobCompType=jobcomp/none
-NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$node CPUs=$CPUS RealMemory=$mem State=UNKNOWN
-PartitionName=$PARTITION Nodes=$node Default=YES MaxTime=7-00:00:00 State=UP PriorityTier=1 GraceTime=30
+${nodelines}PartitionName=$PARTITION Nodes=$nodelist Default=YES MaxTime=7-00:00:00 State=UP PriorityTier=1 GraceTime=30
 # jobs here preempt (requeue) jobs in $PARTITION when the node is full
-PartitionName=urgent Nodes=$node Default=NO MaxTime=7-00:00:00 State=UP PriorityTier=10 PreemptMode=OFF
+PartitionName=urgent Nodes=$nodelist Default=NO MaxTime=7-00:00:00 State=UP PriorityTier=10 PreemptMode=OFF
 EOF
   cat >"$DBDCONF" <<EOF
 # generated by slurm/dev-cluster.sh
 AuthType=auth/munge
 AuthInfo=socket=$MUNGE_SOCK
-DbdAddr=127.0.0.1
+DbdAddr=$ctl_addr
 DbdHost=localhost
 DbdPort=$DBD_PORT
 SlurmUser=root
@@ -343,6 +407,110 @@ FLUSH PRIVILEGES;
 EOF
 }
 
+# ---------------------------------------------------------------- multi-node: network + slurmds
+ours_netns() { ip netns list 2>/dev/null | awk '{print $1}' | grep -x "$NETP-node[0-9]*" || true; }
+
+net_down() {  # remove every namespace, veth and the bridge of this state dir (idempotent)
+  local ns pid
+  for ns in $(ours_netns); do
+    # only processes this cluster started live there (slurmd, job steps): end them first
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || log "could not delete netns $ns"
+  done
+  ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -x "$NETP-v[0-9]*" \
+    | while read -r v; do ip link del "$v" 2>/dev/null || true; done || true
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE" || log "could not delete bridge $BRIDGE"; fi
+  rm -f "$STATE/nodes.env"
+}
+
+net_up() {
+  command -v ip >/dev/null || die "'ip' not found: install iproute2 (multi-node mode needs network namespaces)"
+  command -v nsenter >/dev/null && command -v unshare >/dev/null || die "nsenter/unshare not found: install util-linux"
+  [[ $SUBNET =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "TLDIST_SLURM_SUBNET=$SUBNET is not three octets (e.g. 10.213.7)"
+  local other
+  other=$(ip -o -4 addr show 2>/dev/null | awk -v b="$BRIDGE" '$2 != b' | grep -F " $SUBNET." | awk '{print $2}' | head -n1 || true)
+  [[ -z $other ]] || die "subnet $SUBNET.0/24 is already used by interface $other: set TLDIST_SLURM_SUBNET to a free private /24"
+  net_down
+  printf 'NODES=%s\nSUBNET=%s\nNETP=%s\n' "$NODES" "$SUBNET" "$NETP" >"$STATE/nodes.env"
+  ip link add "$BRIDGE" type bridge || die "could not create bridge $BRIDGE"
+  ip addr add "$CTL_IP/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  local k ns veth peer
+  for ((k = 1; k <= NODES; k++)); do
+    ns=$(node_ns "$k") veth=$(node_veth "$k") peer=$NETP-p$k
+    ip netns add "$ns" || die "could not create netns $ns"
+    ip link add "$veth" type veth peer name "$peer" || die "could not create veth $veth"
+    ip link set "$veth" master "$BRIDGE"
+    ip link set "$veth" up
+    ip link set "$peer" netns "$ns"
+    # eth0 with the node's address, lo up, no default route, no IPv6 link-local
+    nsenter --net="/run/netns/$ns" -- sh -ec "ip link set $peer name eth0
+      ip link set eth0 addrgenmode none 2>/dev/null || true
+      ip addr add $(node_ip "$k")/24 dev eth0
+      ip link set eth0 up
+      ip link set lo up" || die "could not configure $ns"
+  done
+  # the nodes' hosts file: the node names resolve to their bridge addresses everywhere (never a
+  # 127.0.1.1 line for the own name: gloo would advertise loopback to the other nodes)
+  {
+    echo "127.0.0.1 localhost"
+    echo "$CTL_IP $(node_name)"
+    for ((k = 1; k <= NODES; k++)); do echo "$(node_ip "$k") $(node_host "$k")"; done
+  } >"$STATE/hosts"
+  : >"$STATE/resolv.conf"
+}
+
+# node_exec K CMD...: run CMD on node K: its network namespace, its hostname, its /etc/hosts and an
+# empty resolv.conf (nsenter --net + unshare: `ip netns exec` would remount /sys and hide cgroups,
+# which slurmd needs).  `mount -n`: no /run/mount on the host.
+node_exec() {
+  local k=$1; shift
+  [[ -e /run/netns/$(node_ns "$k") ]] || die "node $k does not exist (no netns $(node_ns "$k"); is the $NODES-node cluster in $STATE up?)"
+  nsenter --net="/run/netns/$(node_ns "$k")" -- unshare --uts --mount --propagation private -- \
+    sh -c 'mount -n --bind "$1" /etc/hosts && mount -n --bind "$2" /etc/resolv.conf && hostname "$3" && shift 3 && exec "$@"' \
+    sh "$STATE/hosts" "$STATE/resolv.conf" "$(node_host "$k")" "$@"
+}
+
+node_slurmd_pid() { daemon_pid_file "$STATE/run/slurmd-$(node_host "$1").pid" slurmd; }
+
+daemon_pid_file() {  # daemon_pid_file FILE COMM: the pid if alive and ours
+  local pid
+  [[ -s $1 ]] || return 1
+  pid=$(tr -dc '0-9' <"$1")
+  pid_is_ours "$pid" "$2" || return 1
+  echo "$pid"
+}
+
+start_node_slurmd() {
+  local k=$1
+  mkdir -p "$STATE/slurmd/$(node_host "$k")"
+  node_exec "$k" slurmd -f "$CONF" -N "$(node_host "$k")" </dev/null >>"$STATE/log/slurmd-$(node_host "$k").out" 2>&1 9>&- \
+    || { dump_logs; die "slurmd of $(node_host "$k") failed to start"; }
+}
+
+kill_node_slurmd() {  # SIGKILL (a crash, not a shutdown)
+  local pid
+  pid=$(node_slurmd_pid "$1") || { log "slurmd of $(node_host "$1") is not running"; return 0; }
+  kill -KILL "$pid"
+  local i
+  for ((i = 0; i < 50; i++)); do pid_is_ours "$pid" slurmd || return 0; sleep 0.1; done
+}
+
+stop_node_slurmd() {
+  local pid i
+  pid=$(node_slurmd_pid "$1") || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do pid_is_ours "$pid" slurmd || break; sleep 0.1; done
+  pid_is_ours "$pid" slurmd && kill -KILL "$pid" 2>/dev/null
+  rm -f "$STATE/run/slurmd-$(node_host "$1").pid"
+}
+
+all_nodes_idle() {
+  local states
+  states=$(sinfo -h -N -p "$PARTITION" -o '%T' 2>/dev/null) || return 1
+  [[ $(grep -cx idle <<<"$states") == "$NODES" ]]
+}
+
 cluster_registered() { sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx "$CLUSTER"; }
 
 start_slurm() {
@@ -356,6 +524,12 @@ start_slurm() {
   slurmctld -c -i -f "$CONF" </dev/null >>"$STATE/log/slurmctld.out" 2>&1 9>&- \
     || { dump_logs; die "slurmctld failed to start"; }
   wait_for "slurmctld (scontrol ping)" slurmctld bash -c "scontrol ping | grep -q UP"
+  if ((NODES > 1)); then
+    local k
+    for ((k = 1; k <= NODES; k++)); do start_node_slurmd "$k"; done
+    wait_for "all $NODES nodes idle (sinfo -N)" slurmctld all_nodes_idle
+    return 0
+  fi
   slurmd -f "$CONF" -N "$(node_name)" </dev/null >>"$STATE/log/slurmd.out" 2>&1 9>&- \
     || { dump_logs; die "slurmd failed to start"; }
   wait_for "node idle (sinfo)" slurmd bash -c \
@@ -365,15 +539,25 @@ start_slurm() {
 running() {  # all daemons alive and the controller answers
   local d
   for d in "${DAEMONS_STOP_ORDER[@]}"; do daemon_pid "$d" >/dev/null || return 1; done
+  if ((NODES > 1)); then
+    local k
+    for ((k = 1; k <= NODES; k++)); do node_slurmd_pid "$k" >/dev/null || return 1; done
+  fi
   [[ -f $CONF ]] && scontrol ping 2>/dev/null | grep -q UP
 }
 
 print_env() { echo "export SLURM_CONF=$CONF"; }
 
 do_stop() {
-  local d any=0
+  local d any=0 k
   for d in "${DAEMONS_STOP_ORDER[@]}"; do daemon_pid "$d" >/dev/null && any=1; done
-  if ((any == 0)); then log "not running ($STATE)"; return 0; fi
+  if ((NODES > 1)); then
+    for ((k = 1; k <= NODES; k++)); do node_slurmd_pid "$k" >/dev/null && any=1; done
+  fi
+  if ((any == 0)); then
+    ((NODES > 1)) && net_down
+    log "not running ($STATE)"; return 0
+  fi
   # Cancel jobs first so their slurmstepd/tasks do not outlive the cluster.
   if daemon_pid slurmctld >/dev/null && scontrol ping 2>/dev/null | grep -q UP; then
     local ids
@@ -385,7 +569,11 @@ do_stop() {
       while [[ -n $(squeue -h -t R,CG -o %i 2>/dev/null) ]] && ((SECONDS < deadline)); do sleep 0.5; done
     fi
   fi
+  if ((NODES > 1)); then
+    for ((k = 1; k <= NODES; k++)); do stop_node_slurmd "$k"; done
+  fi
   for d in "${DAEMONS_STOP_ORDER[@]}"; do stop_daemon "$d"; done
+  ((NODES > 1)) && net_down
   log "stopped ($STATE)"
 }
 
@@ -408,21 +596,37 @@ do_start() {
   chmod 600 "$STATE/dbpass"
   DB_PASS=$(cat "$STATE/dbpass")
   choose_ports
+  ((NODES > 1)) && net_up
   write_configs
   start_munge
   start_mariadb
   start_slurm
-  log "up in $((SECONDS - t0)) s: node $(node_name), $CPUS CPUs, partitions $PARTITION (default), urgent"
+  if ((NODES > 1)); then
+    local k desc=""
+    for ((k = 1; k <= NODES; k++)); do desc+=" $(node_host "$k")=$(node_ip "$k")"; done
+    log "up in $((SECONDS - t0)) s: $NODES nodes ($desc ), $CPUS CPUs each, controller $(node_name)=$CTL_IP on bridge $BRIDGE"
+  else
+    log "up in $((SECONDS - t0)) s: node $(node_name), $CPUS CPUs, partitions $PARTITION (default), urgent"
+  fi
   print_env
 }
 
 do_status() {
   if [[ ! -f $CONF ]]; then log "no cluster configured in $STATE"; return 1; fi
   local d pid rc=0
-  for d in munged mariadbd slurmdbd slurmctld slurmd; do
+  local daemons=(munged mariadbd slurmdbd slurmctld)
+  ((NODES > 1)) || daemons+=(slurmd)
+  for d in "${daemons[@]}"; do
     if pid=$(daemon_pid "$d"); then printf '%-10s pid %s\n' "$d" "$pid"
     else printf '%-10s DOWN\n' "$d"; rc=1; fi
   done
+  if ((NODES > 1)); then
+    local k
+    for ((k = 1; k <= NODES; k++)); do
+      if pid=$(node_slurmd_pid "$k"); then printf 'slurmd %-5s pid %s (%s in %s)\n' "$(node_host "$k")" "$pid" "$(node_ip "$k")" "$(node_ns "$k")"
+      else printf 'slurmd %-5s DOWN\n' "$(node_host "$k")"; rc=1; fi
+    done
+  fi
   if ((rc == 0)) && scontrol ping 2>/dev/null | grep -q UP; then
     sinfo
     squeue
@@ -440,10 +644,38 @@ if [[ $CMD == start || $CMD == stop || $CMD == restart ]]; then
   flock -w 180 9 || die "could not lock $LOCKFILE"
 fi
 
+node_arg() {  # validate a node number given to a helper subcommand
+  ((NODES > 1)) || die "'$CMD' needs a multi-node cluster (TLDIST_SLURM_NODES>=2; none recorded in $STATE)"
+  [[ ${1:-} =~ ^[0-9]+$ ]] && (($1 >= 1 && $1 <= NODES)) || die "node '${1:-}' is not a node number 1..$NODES"
+}
+
 case "$CMD" in
   start) do_start ;;
   stop) do_stop ;;
   restart) do_stop; do_start ;;
   status) do_status ;;
   env) print_env ;;
+  nodes)
+    ((NODES > 1)) || die "no multi-node cluster recorded in $STATE"
+    for ((k = 1; k <= NODES; k++)); do echo "$(node_host "$k") $(node_ip "$k") $(node_ns "$k") $(node_veth "$k")"; done ;;
+  node)
+    node_arg "${HELPER_ARGS[0]:-}"
+    ((${#HELPER_ARGS[@]} > 1)) || die "usage: $0 node K CMD..."
+    node_exec "${HELPER_ARGS[@]}" ;;
+  link)
+    node_arg "${HELPER_ARGS[0]:-}"
+    case ${HELPER_ARGS[1]:-} in
+      up|down) ip link set "$(node_veth "${HELPER_ARGS[0]}")" "${HELPER_ARGS[1]}" ;;
+      *) die "usage: $0 link K down|up" ;;
+    esac ;;
+  slurmd)
+    node_arg "${HELPER_ARGS[0]:-}"
+    case ${HELPER_ARGS[1]:-} in
+      kill) kill_node_slurmd "${HELPER_ARGS[0]}" ;;
+      start) node_slurmd_pid "${HELPER_ARGS[0]}" >/dev/null || start_node_slurmd "${HELPER_ARGS[0]}" ;;
+      *) die "usage: $0 slurmd K kill|start" ;;
+    esac ;;
+  resume)
+    node_arg "${HELPER_ARGS[0]:-}"
+    scontrol update nodename="$(node_host "${HELPER_ARGS[0]}")" state=resume ;;
 esac

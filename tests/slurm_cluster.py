@@ -18,6 +18,13 @@ Behaviour:
 
 Env knobs: ``TLDIST_SLURM_STATE_DIR`` (default /tmp/tldist-slurm), ``TLDIST_KEEP_SLURM=1``,
 plus the ``TLDIST_SLURM_*`` variables understood by the script.
+
+Multi-node: the session fixture ``slurm_multinode`` starts a 2-node cluster (``TLDIST_SLURM_NODES=2``,
+state in ``TLDIST_SLURM_MULTI_STATE_DIR``, default /tmp/tldist-slurm-2nodes): each node in its own
+network namespace with its own IP and hostname. It yields a :class:`MultiNodeCluster` and does NOT
+export ``SLURM_CONF`` (the single-node fixture owns that variable): tests use ``cluster.env()`` or
+``monkeypatch.setenv("SLURM_CONF", str(cluster.conf))``. Take it in a test module with
+``from slurm_cluster import slurm_multinode  # noqa: F401``.
 """
 
 from __future__ import annotations
@@ -134,13 +141,63 @@ class SlurmCluster:
         return ex
 
 
-def _run_script(cmd: str, state_dir: Path, timeout: float) -> subprocess.CompletedProcess:
+@dataclasses.dataclass(frozen=True)
+class MultiNodeCluster(SlurmCluster):
+    """A dev cluster whose nodes live in their own network namespaces (``TLDIST_SLURM_NODES>=2``).
+
+    Node ``k`` (1-based) is ``node<k>`` with address ``<subnet>.<10+k>``; :meth:`nodes` lists them.
+    The fault helpers act on real daemons and links through ``slurm/dev-cluster.sh``.
+    """
+
+    num_nodes: int = 2
+
+    def script(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        """``slurm/dev-cluster.sh ARGS`` for this cluster's state dir."""
+        proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, env=self.env(TLDIST_SLURM_STATE_DIR=str(self.state_dir)))
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"dev-cluster.sh {' '.join(args)} failed (rc={proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def nodes(self) -> list[dict[str, str]]:
+        """``[{"name", "ip", "netns", "veth"}]`` per node, in order."""
+        rows = self.script("nodes").stdout.split()
+        return [dict(zip(("name", "ip", "netns", "veth"), rows[i:i + 4])) for i in range(0, len(rows), 4)]
+
+    def on_node(self, k: int, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run ``cmd`` on node ``k``: its network namespace, hostname and hosts file."""
+        return self.script("node", str(k), *cmd, check=check, timeout=timeout)
+
+    def link(self, k: int, up: bool) -> None:
+        """Take node ``k``'s link to the bridge down (a network partition) or bring it back up."""
+        self.script("link", str(k), "up" if up else "down")
+
+    def kill_slurmd(self, k: int) -> None:
+        """SIGKILL node ``k``'s slurmd (its running job steps stay, as on a real crashed daemon)."""
+        self.script("slurmd", str(k), "kill")
+
+    def start_slurmd(self, k: int) -> None:
+        """Start node ``k``'s slurmd again (no-op while it runs)."""
+        self.script("slurmd", str(k), "start")
+
+    def resume(self, k: int) -> None:
+        """``scontrol update nodename=node<k> state=resume`` (a DOWN node is otherwise re-pinged only every ~54 s)."""
+        self.script("resume", str(k))
+
+    def node_state(self, k: int) -> str:
+        """SLURM's state of node ``k`` (``idle``, ``allocated``, ``down*``, ``idle*``, ...)."""
+        return self.run("sinfo", "-h", "-N", "-n", f"node{k}", "-o", "%T", check=False).stdout.strip()
+
+
+def _run_script(cmd: str, state_dir: Path, timeout: float, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(SCRIPT), cmd, str(state_dir)],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -180,11 +237,19 @@ def _live_users(users: Path) -> list[int]:
     return live
 
 
-def start_cluster(state_dir: str | os.PathLike | None = None, timeout: float = 600) -> SlurmCluster:
-    """Start (or reuse) the dev cluster; skip/fail as documented in the module docstring."""
+def start_cluster(state_dir: str | os.PathLike | None = None, timeout: float = 600, nodes: int = 1) -> SlurmCluster:
+    """Start (or reuse) the dev cluster; skip/fail as documented in the module docstring.
+
+    ``nodes >= 2``: the multi-node cluster (a :class:`MultiNodeCluster`), by default in
+    ``TLDIST_SLURM_MULTI_STATE_DIR`` or /tmp/tldist-slurm-<nodes>nodes.
+    """
     if not sys.platform.startswith("linux"):
         _cannot_run(f"needs Linux, this is {sys.platform}")
-    state = Path(state_dir or os.environ.get("TLDIST_SLURM_STATE_DIR") or DEFAULT_STATE_DIR)
+    if nodes > 1:
+        state = Path(state_dir or os.environ.get("TLDIST_SLURM_MULTI_STATE_DIR") or f"/tmp/tldist-slurm-{nodes}nodes")
+    else:
+        state = Path(state_dir or os.environ.get("TLDIST_SLURM_STATE_DIR") or DEFAULT_STATE_DIR)
+    script_env = {"TLDIST_SLURM_NODES": str(nodes)}
     if os.geteuid() != 0:
         sudo_ok = shutil.which("sudo") is not None and (
             subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
@@ -194,8 +259,8 @@ def start_cluster(state_dir: str | os.PathLike | None = None, timeout: float = 6
 
     t0 = time.monotonic()
     with _registry_lock(state) as users:
-        was_running = _run_script("status", state, 60).returncode == 0
-        proc = _run_script("start", state, timeout)
+        was_running = _run_script("status", state, 60, script_env).returncode == 0
+        proc = _run_script("start", state, timeout, script_env)
         if proc.returncode in _CANNOT_RUN_CODES:
             _cannot_run(f"{_CANNOT_RUN_CODES[proc.returncode]}\n{proc.stderr.strip()}")
         if proc.returncode != 0:
@@ -213,12 +278,10 @@ def start_cluster(state_dir: str | os.PathLike | None = None, timeout: float = 6
     for line in proc.stdout.splitlines():
         if line.startswith("export SLURM_CONF="):
             conf = Path(line.split("=", 1)[1])
-    return SlurmCluster(
-        state_dir=state,
-        conf=conf,
-        started_here=not was_running,
-        start_seconds=time.monotonic() - t0,
-    )
+    kwargs = dict(state_dir=state, conf=conf, started_here=not was_running, start_seconds=time.monotonic() - t0)
+    if nodes > 1:
+        return MultiNodeCluster(num_nodes=nodes, **kwargs)
+    return SlurmCluster(**kwargs)
 
 
 def release_cluster(cluster: SlurmCluster) -> None:
@@ -232,7 +295,7 @@ def release_cluster(cluster: SlurmCluster) -> None:
             owned = (cluster.state_dir / "fixture-owned").exists()
             should_stop = owned and not _live_users(users)
         if should_stop and not keep:
-            proc = _run_script("stop", cluster.state_dir, 120)
+            proc = _run_script("stop", cluster.state_dir, 120)  # the script reads the node count back
             (cluster.state_dir / "fixture-owned").unlink(missing_ok=True)
             if proc.returncode != 0:
                 print(f"dev-cluster.sh stop failed: {proc.stderr}", file=sys.stderr)
@@ -251,4 +314,15 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old_conf
+        release_cluster(cluster)
+
+
+@pytest.fixture(scope="session")
+def slurm_multinode() -> Iterator[MultiNodeCluster]:
+    """Session-wide 2-node dev cluster (own netns, IP and hostname per node); leaves ``SLURM_CONF`` alone."""
+    cluster = start_cluster(nodes=2)
+    assert isinstance(cluster, MultiNodeCluster)
+    try:
+        yield cluster
+    finally:
         release_cluster(cluster)

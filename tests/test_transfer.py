@@ -105,3 +105,33 @@ def test_param_stages_ignore_wrapper_prefixes(resnet):
 
     stages = param_stages(Wrapper(model), info)
     assert stages["module.fc.weight"] == 5 and stages["module.bn1.weight"] == 0 and stages["module.layer2.0.conv1.weight"] == 2
+
+
+def test_fine_tuning_from_a_checkpoint_matches_head_rows_by_class_name(tmp_path):
+    """A checkpoint trained on c0..c3, fine-tuned on data listing c3, c1, c9, c0: each class gets the row
+    trained for its name (not its position); the new class c9 gets a fresh row."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tldist.config import ModelConfig
+    from tldist.models.factory import build_model
+    from tldist.train.main import match_head_classes
+
+    torch.manual_seed(0)
+    trained, _ = build_model(ModelConfig(name="resnet18", pretrained=False), 4)
+    export = tmp_path / "export"
+    export.mkdir()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(export / "model.safetensors"))
+    (export / "model.json").write_text(json.dumps({"model": "resnet18", "num_classes": 4,
+                                                   "classes": ["c0", "c1", "c2", "c3"],
+                                                   "preprocess": {"image_size": 32}}))
+    classes = ["c3", "c1", "c9", "c0"]
+    model, info = build_model(ModelConfig(name="resnet18", pretrained=False, checkpoint=str(export)), 4)
+    match_head_classes(model, info, str(export), classes)
+    w, old = model.fc.weight.detach(), trained.fc.weight.detach()
+    assert torch.equal(w[0], old[3]) and torch.equal(w[1], old[1]) and torch.equal(w[3], old[0])
+    assert torch.equal(model.fc.bias[0], trained.fc.bias[3])
+    assert not any(torch.equal(w[2], old[j]) for j in range(4))  # c9: fresh
+    assert torch.equal(model.conv1.weight, trained.conv1.weight)  # the backbone is the checkpoint's

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from tldist.errors import UserError
+from tldist.safeload import read_json, read_yaml
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
@@ -52,16 +53,14 @@ def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     ``model.json`` metadata an export of it carries (classes, preprocessing, task heads)."""
     import dataclasses
 
-    import yaml
-
     from tldist import __version__
     from tldist.config import config_from_dict
     from tldist.data.transforms import eval_preprocess
     from tldist.errors import DataError
     from tldist.models.factory import build_model
 
-    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    trainer = json.loads((ckpt / "trainer.json").read_text())
+    cfg = config_from_dict(read_yaml(ckpt / "config.yaml", what="checkpoint config"))
+    trainer = read_json(ckpt / "trainer.json", what="checkpoint record")
     classes = list(trainer.get("classes") or [])
     num_classes = len(classes) or cfg.model.num_classes
     if not num_classes:
@@ -99,11 +98,10 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
                         "dir or a weights file")
 
     def read(f: Path) -> dict[str, Any]:
-        try:
-            return json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"'{f}' could not be read as JSON ({e}): re-create it ('tldist export' or a new "
-                            "checkpoint)") from None
+        d = read_json(f, what="model metadata")
+        if not isinstance(d, dict):
+            raise UserError(f"model metadata '{f}' is not a JSON object: re-create it ('tldist export' or a new checkpoint)")
+        return d
 
     out: dict[str, Any] = {"kind": "weights", "path": p, "model": None, "classes": [], "tasks": None,
                            "image_size": 0, "preprocess": None}
@@ -115,13 +113,11 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         pre = meta.get("preprocess") or {}
         return {**out, "kind": "export", "model": meta.get("model"), "classes": list(meta.get("classes") or []),
                 "tasks": meta.get("tasks"), "image_size": int(pre.get("image_size") or 0), "preprocess": pre or None}
-    import yaml
-
     ckpt = _checkpoint_dir(p)
     trainer = read(ckpt / "trainer.json")
     model = None
     if (ckpt / "config.yaml").is_file():
-        model = ((yaml.safe_load((ckpt / "config.yaml").read_text()) or {}).get("model") or {}).get("name")
+        model = ((read_yaml(ckpt / "config.yaml", what="checkpoint config") or {}).get("model") or {}).get("name")
     return {**out, "kind": "checkpoint", "path": ckpt, "model": model, "classes": list(trainer.get("classes") or []),
             "tasks": trainer.get("tasks"), "image_size": int(trainer.get("image_size") or 0)}
 
@@ -192,7 +188,7 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     meta_file = p / "model.json"
     if not meta_file.is_file():
         raise UserError(f"'{path}' is not a tldist export (no model.json); create one with 'tldist export'")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, what="export metadata")
     model, _ = build_model(ModelConfig(name=meta["model"], pretrained=True, checkpoint=str(p)), meta["num_classes"],
                            image_size=meta["preprocess"]["image_size"])
     return model.eval(), meta

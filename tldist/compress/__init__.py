@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tldist.errors import DataError, UserError
+from tldist.safeload import read_json
 from tldist.export import write_export  # noqa: F401  (re-exported for the subcommands)
 from tldist.world import World
 
@@ -67,10 +68,7 @@ def read_export_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta_file = p / "model.json"
     if not meta_file.is_file():
         raise UserError(f"'{p}' is not a tldist export directory (no model.json): {hint}")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"'{meta_file}' is not valid JSON ({e}): re-create the export with 'tldist export'") from None
+    meta = read_json(meta_file, what="export metadata")
     if meta.get("format") == "torchscript-int8" or (p / INT8_FILE).is_file():
         raise UserError(f"'{p}' holds an int8 model from 'tldist compress quantize': compress the fp32 export "
                         "directory it was made from instead")

@@ -2,12 +2,15 @@
 datasets or the embedded demo, and verify existing shard sets.
 
 Every writer puts each split in its own directory, ``OUT/<split>`` (``OUT/source/train``...
-for the demo), and prints one summary line per split written.
+for the demo), and prints one summary line per split written. Image folders, CSVs and
+torchvision datasets are written by the planned writer (:mod:`tldist.data.ingest`):
+``--workers N`` processes, ``--part R/W`` for one of W nodes/array tasks, resume after a kill.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -28,16 +31,43 @@ def parse_size(text: str) -> int:
     return int(num * (1024 if binary else 1000) ** power)
 
 
-def _summary(path: Path, m: Manifest) -> str:
+def _summary(path: Path, m: Manifest | None) -> str:
+    if m is None:
+        return f"{path}: this part is written; run 'tldist shards merge {path}' once every part is done"
     skipped = m.meta.get("skipped", 0)
+    reasons = ", ".join(f"{n} {why}" for why, n in m.meta.get("skipped_reasons", {}).items())
     return (f"{m.split}: {path}  {len(m.shards)} shards  {m.num_samples} samples  {m.num_classes} classes"
-            + (f"  ({skipped} unreadable skipped)" if skipped else ""))
+            + (f"  ({skipped} unreadable skipped" + (f": {reasons}; listed in {path / 'skipped.txt'}" if reasons else "")
+               + ")" if skipped else ""))
+
+
+def parse_part(text: str | None) -> tuple[int, int]:
+    """``(rank, world)`` from ``--part R/W``, or for ``--part auto`` from the SLURM array task
+    (``SLURM_ARRAY_TASK_ID``/``_COUNT``, ``_MIN``) or the launcher (``RANK``/``WORLD_SIZE``)."""
+    if not text:
+        return 0, 1
+    env = os.environ
+    if text == "auto":
+        if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+            return (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0)),
+                    int(env["SLURM_ARRAY_TASK_COUNT"]))
+        if "RANK" in env and "WORLD_SIZE" in env:
+            return int(env["RANK"]), int(env["WORLD_SIZE"])
+        raise ConfigError("--part auto found neither SLURM_ARRAY_TASK_ID/_COUNT nor RANK/WORLD_SIZE; give --part R/W")
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"--part '{text}' must be R/W with 0 <= R < W (e.g. 0/4), or 'auto'")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _write_kw(args: argparse.Namespace) -> dict[str, Any]:
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1 processes, got {args.workers}")
+    rank, world = parse_part(args.part)
     return {"max_count": args.max_count, "max_size": (parse_size(args.max_size) or None) if args.max_size else None,
             "min_shards": args.min_shards, "reencode": args.reencode, "quality": args.quality,
-            "max_side": args.max_side, "check": args.check, "decoders": _decoders(args.decoder)}
+            "max_side": args.max_side, "check": args.check, "decoders": _decoders(args.decoder),
+            "workers": args.workers, "rank": rank, "world": world, "progress": not args.no_progress}
 
 
 def _decoders(choice: str) -> list[str]:
@@ -85,13 +115,14 @@ def cmd_csv(args: argparse.Namespace) -> int:
 
 def cmd_torchvision(args: argparse.Namespace) -> int:
     """``tldist shards torchvision``: shard a torchvision dataset already present under ROOT."""
-    from tldist.data.writer import samples_from_torchvision, write_shards
+    from tldist.data.ingest import write_planned
+    from tldist.data.writer import samples_from_torchvision
 
     classes, samples = samples_from_torchvision(args.name, args.root, train=args.split == "train",
                                                 download=args.download, encode=args.encode, quality=args.quality,
                                                 seed=args.seed, shuffle=not args.no_shuffle)
     out = Path(args.out) / args.split
-    print(_summary(out, write_shards(samples, out, args.split, classes, **_write_kw(args))))
+    print(_summary(out, write_planned(samples, out, args.split, classes, **_write_kw(args))))
     return 0
 
 
@@ -104,6 +135,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 label_fraction=args.label_fraction, target_style=args.style, force=args.force)
     for name, m in written.items():
         print(_summary(out / name, m))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``tldist shards merge``: turn the parts of a split write (``--part``) into one shard set."""
+    from tldist.data.ingest import merge
+
+    for d in args.dirs:
+        print(_summary(Path(d), merge(d)))
     return 0
 
 
@@ -132,10 +172,20 @@ def _add_write_options(p: argparse.ArgumentParser, split_choices: list[str] | No
     g.add_argument("--quality", type=int, default=90, help="JPEG quality for --reencode jpg / --encode jpg (default 90)")
     g.add_argument("--max-side", type=int, default=0, metavar="PX",
                    help="downscale images whose longest side exceeds PX (re-encodes them; default 0: keep)")
-    g.add_argument("--check", choices=["decode", "verify", "none"], default="decode",
-                   help="how to test source images: decode = as training does, verify = PIL structure only, "
-                        "none; bad ones are skipped and counted (default decode)")
+    g.add_argument("--check", choices=["header", "decode", "verify", "none"], default="header",
+                   help="how to test source images; bad ones are skipped, counted and listed. header (default): "
+                        "read format, size and mode and check the file is complete (JPEG end marker, PNG IEND), "
+                        "no pixel decoding; it finds truncated and garbage files like decode does at a fraction "
+                        "of the cost, but not corrupt data inside a complete file. decode: decode every image "
+                        "as training does (slowest, catches all the decoders reject). verify: PIL's structure "
+                        "check. none: no check")
     _add_decoder_option(g, "--check decode tests with")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes writing shards; the output is byte-identical for any N (default 1)")
+    g.add_argument("--part", default=None, metavar="R/W",
+                   help="write only part R of W (shards k with k %% W == R), e.g. one SLURM array task; 'auto' "
+                        "reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE; then 'tldist shards merge' the split")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (images/s, ETA) on stderr")
     g.add_argument("--seed", type=int, default=0, help="seed for the sample order and splits (default 0)")
     g.add_argument("--no-shuffle", action="store_true", help="keep the source order instead of a seeded shuffle")
     p.add_argument("--split", default="train", choices=split_choices, help="split name; output goes to OUT/<split>")
@@ -152,7 +202,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("shards", help="write or verify WebDataset shard sets",
                               description="Write WebDataset shard sets (OUT/<split>/<split>-000000.tar + manifest.json) "
                                           "or verify one.")
-    sub = p.add_subparsers(dest="shards_command", metavar="{imagefolder,csv,torchvision,demo,verify}", required=True)
+    sub = p.add_subparsers(dest="shards_command", metavar="{imagefolder,csv,torchvision,demo,merge,verify}",
+                           required=True)
 
     q = sub.add_parser("imagefolder", help="shard ROOT/<class>/<image> (or ROOT/{train,val}/<class>/<image>)")
     q.add_argument("root", metavar="ROOT")
@@ -194,6 +245,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true", help="rewrite even if matching shards exist")
     q.set_defaults(func=cmd_demo)
 
+    q = sub.add_parser("merge", help="merge the parts of a --part write into one shard set (manifest.json)")
+    q.add_argument("dirs", nargs="+", metavar="DIR", help="split directories, e.g. OUT/train OUT/val")
+    q.set_defaults(func=cmd_merge)
+
     q = sub.add_parser("verify", help="read every shard of a set and check it against its manifest")
     q.add_argument("location", metavar="LOCATION", help="shard directory, manifest.json path or URL")
     q.add_argument("--urls", default=None, help="brace pattern overriding the manifest's shard locations")
@@ -205,5 +260,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "imagefolder": cmd_imagefolder, "csv": cmd_csv, "torchvision": cmd_torchvision, "demo": cmd_demo,
-    "verify": cmd_verify,
+    "merge": cmd_merge, "verify": cmd_verify,
 }

@@ -50,11 +50,18 @@ class Sample:
 class SampleSource:
     """A lazy, sized, re-iterable sequence of :class:`Sample` with a description for manifest meta."""
 
-    def __init__(self, length: int, generate: Callable[[], Iterator[Sample]], info: dict[str, Any]):
+    def __init__(self, length: int, generate: Callable[[], Iterator[Sample]], info: dict[str, Any],
+                 get: Optional[Callable[[int], Sample]] = None,
+                 describe: Optional[Callable[[int], tuple[str, str, int]]] = None):
         self._length = length
         self._generate = generate
         self.info = info
         """Provenance recorded as ``meta.source`` in the manifest."""
+        self.get = get
+        """Optional random access: ``get(pos)`` is the sample at position ``pos`` of the order."""
+        self.describe = describe
+        """Optional ``describe(pos)`` -> ``(key, origin, stored bytes or -1)`` without reading the image
+        (the parallel writer plans shards from it; see :mod:`tldist.data.ingest`)."""
 
     def __len__(self) -> int:
         return self._length
@@ -157,6 +164,15 @@ def _file_samples(items: list[tuple[Path, int, str]], order: list[int]) -> Itera
         yield Sample(safe_key(i, rel), data, normalize_ext(path.suffix), label, str(path), error)
 
 
+def _file_source(items: list[tuple[Path, int, str]], order: list[int], info: dict[str, Any]) -> SampleSource:
+    def describe(pos: int) -> tuple[str, str, int]:
+        path, _, rel = items[order[pos]]
+        return safe_key(order[pos], rel), str(path), _size(path)
+
+    return SampleSource(len(order), lambda: _file_samples(items, order), info,
+                        get=lambda pos: next(_file_samples(items, [order[pos]])), describe=describe)
+
+
 def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None, *,
                      keep_empty_classes: bool = False) -> tuple[list[str], list[tuple[Path, int, str]]]:
     """List ``root/<class>/**/<image>`` like torchvision's ImageFolder: sorted classes and files.
@@ -213,7 +229,7 @@ def samples_from_imagefolder(root: str | Path, *, split: str = "train", val_frac
     order = _ordered(_select([it[1] for it in items], split, val_fraction, seed, f"'{root}'"), shuffle, seed, split)
     info = {"type": "imagefolder", "root": str(Path(root).resolve()), "split": split,
             "val_fraction": val_fraction, "seed": seed, "shuffle": shuffle}
-    return classes, SampleSource(len(order), lambda: _file_samples(items, order), info)
+    return classes, _file_source(items, order, info)
 
 
 def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
@@ -292,7 +308,7 @@ def samples_from_csv(path: str | Path, root: Optional[str | Path] = None, *, cla
     order = _ordered(chosen, shuffle, seed, f"csv/{split}" if val_fraction else "csv")
     info = {"type": "csv", "path": str(path.resolve()), "root": str(base.resolve()), "split": split,
             "val_fraction": val_fraction, "seed": seed, "shuffle": shuffle}
-    return classes, SampleSource(len(order), lambda: _file_samples(items, order), info)
+    return classes, _file_source(items, order, info)
 
 
 def _is_int(s: str) -> bool:
@@ -346,28 +362,42 @@ def samples_from_torchvision(name: str, root: str | Path, train: bool = True, do
     if fmt not in ("png", "jpg"):
         raise ConfigError(f"encode must be 'png' or 'jpg', got '{encode}'")
 
-    def generate() -> Iterator[Sample]:
-        files = getattr(ds, "samples", None) if isinstance(ds, tvd.DatasetFolder) else None
-        for i in order:
-            key, origin = safe_key(i, "", width=8), f"{name}[{i}]"
-            if files is not None:
-                path, label = files[i]
-                try:
-                    yield Sample(key, Path(path).read_bytes(), normalize_ext(Path(path).suffix), int(label), path)
-                except OSError as e:
-                    yield Sample(key, b"", "jpg", int(label), path, f"cannot read: {e}")
-                continue
+    files = getattr(ds, "samples", None) if isinstance(ds, tvd.DatasetFolder) else None
+
+    def one(i: int) -> Sample:
+        key, origin = safe_key(i, "", width=8), f"{name}[{i}]"
+        if files is not None:
+            path, label = files[i]
             try:
-                img, label = ds[i]
-            except Exception as e:  # a corrupt item must not stop the whole conversion
-                yield Sample(key, b"", fmt, 0, origin, f"cannot load: {e}")
-                continue
-            if not isinstance(label, int) and not (hasattr(label, "ndim") and label.ndim == 0):
-                raise DataError(f"{origin}: target {label!r} is not a class index; {name} is not a classification dataset")
-            if not hasattr(img, "save"):
-                raise DataError(f"{origin}: item is a {type(img).__name__}, not a PIL image; pass no transform")
-            yield Sample(key, encode_image(img, fmt, quality), fmt, int(label), origin)
+                return Sample(key, Path(path).read_bytes(), normalize_ext(Path(path).suffix), int(label), path)
+            except OSError as e:
+                return Sample(key, b"", "jpg", int(label), path, f"cannot read: {e}")
+        try:
+            img, label = ds[i]
+        except Exception as e:  # a corrupt item must not stop the whole conversion
+            return Sample(key, b"", fmt, 0, origin, f"cannot load: {e}")
+        if not isinstance(label, int) and not (hasattr(label, "ndim") and label.ndim == 0):
+            raise DataError(f"{origin}: target {label!r} is not a class index; {name} is not a classification dataset")
+        if not hasattr(img, "save"):
+            raise DataError(f"{origin}: item is a {type(img).__name__}, not a PIL image; pass no transform")
+        return Sample(key, encode_image(img, fmt, quality), fmt, int(label), origin)
+
+    def generate() -> Iterator[Sample]:
+        return (one(i) for i in order)
+
+    def describe(pos: int) -> tuple[str, str, int]:
+        i = order[pos]
+        if files is not None:
+            return safe_key(i, "", width=8), str(files[i][0]), _size(files[i][0])
+        return safe_key(i, "", width=8), f"{name}[{i}]", -1
 
     info = {"type": "torchvision", "name": name, "root": str(root), "train": train, "encode": fmt,
             "seed": seed, "shuffle": shuffle, **{k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}}
-    return classes, SampleSource(len(order), generate, info)
+    return classes, SampleSource(len(order), generate, info, get=lambda pos: one(order[pos]), describe=describe)
+
+
+def _size(path: str | Path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return -1

@@ -33,7 +33,12 @@ log = logging.getLogger("tldist.data")
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]{1,90}$")
 _SPLIT_OK = re.compile(r"^[A-Za-z0-9_-]+$")
 _EXTS = {normalize_ext(e) for e in IMAGE_EXTS}
-CHECKS = ("decode", "verify", "none")
+CHECKS = ("header", "decode", "verify", "none")
+DEFAULT_CHECK = "header"
+"""Reads format, size and mode and checks the file is complete (JPEG end marker, PNG ``IEND``, WebP
+RIFF length); other formats are decoded with PIL. It catches what ``decode`` catches on truncated and
+garbage files at a fraction of the cost, but not corrupt data inside a complete file (BENCHMARKS.md)."""
+_HEADER_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
 VAL_DIR_NAMES = ("val", "valid", "validation")
 
 
@@ -41,11 +46,38 @@ class _Skip(Exception):
     """A sample whose image cannot be used; the writer skips and counts it."""
 
 
+def header_problem(data: bytes) -> str:
+    """Why ``data`` fails the cheap ``--check header`` test, or ``''`` when it passes.
+
+    PIL reads the header only (format, size, mode; no pixels); JPEG must end with the EOI
+    marker (trailing NUL padding allowed), PNG with an ``IEND`` chunk, WebP must be as long as
+    its RIFF header says. Formats without such an end mark (BMP, TIFF, PPM) are fully decoded.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (w, h), mode = im.format, im.size, im.mode
+            if fmt not in _HEADER_FORMATS:
+                im.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"cannot read header: {type(e).__name__}: {e}"
+    if w < 1 or h < 1:
+        return f"image is {w}x{h} px"
+    if fmt in ("JPEG", "MPO") and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "PNG" and b"IEND" not in data[-32:]:
+        return "truncated PNG (no IEND chunk)"
+    if fmt == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data):
+        return "truncated WebP (shorter than its RIFF length)"
+    return ""
+
+
 def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, check: str,
              decoders: Sequence[str]) -> tuple[bytes, str]:
     """Check (and optionally re-encode/resize) one sample's image; return ``(bytes, ext)``.
 
-    ``check='decode'`` runs :func:`~tldist.data.transforms.decode_image` with each of
+    ``check='header'`` runs :func:`header_problem`; ``check='decode'`` runs :func:`~tldist.data.transforms.decode_image` with each of
     ``decoders``, exactly as the training loader will. A re-encode stores the pixels that
     decoding gives (EXIF orientation applied, 8-bit), without the orientation tag.
     """
@@ -55,6 +87,10 @@ def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, ch
         raise _Skip(s.error)
     if not s.data:
         raise _Skip("empty image data")
+    if check == "header":
+        problem = header_problem(s.data)
+        if problem:
+            raise _Skip(problem)
     if check == "decode":
         for decoder in decoders:
             try:
@@ -79,6 +115,26 @@ def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, ch
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise _Skip(f"cannot decode: {type(e).__name__}: {e}") from None
+
+
+def check_key(key: Any, origin: str, seen: set[str]) -> None:
+    """Raise :class:`DataError` unless ``key`` is tar-safe and not in ``seen``; add it to ``seen``."""
+    if not isinstance(key, str) or not _KEY_OK.match(key):
+        raise DataError(f"sample key {key!r} ({origin}) must be 1-90 letters, digits, '_' or '-'")
+    if key in seen:
+        raise DataError(f"duplicate sample key '{key}' ({origin}); keys must be unique in a shard set")
+    seen.add(key)
+
+
+def check_sample(s: Sample, num_classes: int) -> str:
+    """Raise :class:`DataError` for a label outside ``0..num_classes-1`` or an unknown extension;
+    return the normalized extension."""
+    if isinstance(s.label, bool) or not isinstance(s.label, int) or not 0 <= s.label < num_classes:
+        raise DataError(f"sample '{s.key}' ({s.origin}) has label {s.label!r}, not in 0..{num_classes - 1}")
+    ext = normalize_ext(s.ext)
+    if ext not in _EXTS:
+        raise DataError(f"sample '{s.key}' ({s.origin}) has extension '{s.ext}'; use one of {sorted(_EXTS)}")
+    return ext
 
 
 def _check_options(split: str, classes: list[str], max_count: Optional[int], max_size: Optional[float],
@@ -109,7 +165,7 @@ def _check_options(split: str, classes: list[str], max_count: Optional[int], max
 
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, classes: list[str], *,
                  max_count: Optional[int] = 10000, max_size: Optional[float] = 500e6, min_shards: int = 1,
-                 reencode: Optional[str] = None, quality: int = 90, max_side: int = 0, check: str = "decode",
+                 reencode: Optional[str] = None, quality: int = 90, max_side: int = 0, check: str = DEFAULT_CHECK,
                  decoders: Sequence[str] = DECODERS, meta: Optional[dict[str, Any]] = None) -> Manifest:
     """Write ``samples`` as ``<out_dir>/<split>-%06d.tar`` shards and ``<out_dir>/manifest.json``.
 
@@ -119,7 +175,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
     ``reencode`` ('jpg'/'png') or ``max_side`` (longest side, px) asks for a re-encode, which
     stores the decoded pixels (EXIF orientation applied, 8-bit) and no orientation tag, so
     kept and re-encoded images decode alike. ``check`` says how each image is tested:
-    'decode' runs the training loader's :func:`~tldist.data.transforms.decode_image` with
+    'header' (default) is :func:`header_problem`, 'decode' runs the training loader's :func:`~tldist.data.transforms.decode_image` with
     each of ``decoders`` (data.decode values; default both), 'verify' only PIL's structural
     check, 'none' nothing; unreadable ones are skipped with a warning and counted in
     ``meta['skipped']``; no usable sample at all raises :class:`DataError`. One directory holds one split; stale shards of an
@@ -158,16 +214,8 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
         with wds.ShardWriter(pattern, maxcount=count_cap, maxsize=max_size or float("inf"), verbose=0,
                              opener=opener, post=lambda fname: handles[fname].close(), encoder=False, mtime=0) as sink:
             for s in samples:
-                if not isinstance(s.key, str) or not _KEY_OK.match(s.key):
-                    raise DataError(f"sample key {s.key!r} ({s.origin}) must be 1-90 letters, digits, '_' or '-'")
-                if s.key in seen:
-                    raise DataError(f"duplicate sample key '{s.key}' ({s.origin}); keys must be unique in a shard set")
-                seen.add(s.key)
-                if isinstance(s.label, bool) or not isinstance(s.label, int) or not 0 <= s.label < len(classes):
-                    raise DataError(f"sample '{s.key}' ({s.origin}) has label {s.label!r}, not in 0..{len(classes) - 1}")
-                ext = normalize_ext(s.ext)
-                if ext not in _EXTS:
-                    raise DataError(f"sample '{s.key}' ({s.origin}) has extension '{s.ext}'; use one of {sorted(_EXTS)}")
+                check_key(s.key, s.origin, seen)
+                ext = check_sample(s, len(classes))
                 try:
                     data, ext = _prepare(Sample(s.key, s.data, ext, s.label, s.origin, s.error),
                                          reencode, quality, max_side, check, decoders)
@@ -215,6 +263,14 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
     return manifest
 
 
+def _write_split(samples: SampleSource, out_dir: Path, split: str, classes: list[str], **kw: Any) -> Optional[Manifest]:
+    """Sources with random access go through the planned writer: ``workers``, ``rank``/``world``
+    (a part of the write; then ``None`` is returned), resume, ``progress``; see :mod:`tldist.data.ingest`."""
+    from tldist.data.ingest import write_planned
+
+    return write_planned(samples, out_dir, split, classes, **kw)
+
+
 def imagefolder_layout(root: str | Path) -> Optional[dict[str, Path]]:
     """``{'train': root/train, 'val': root/val}`` when ``root`` holds split trees, else ``None``."""
     root = Path(root)
@@ -233,7 +289,8 @@ def write_imagefolder(root: str | Path, out_dir: str | Path, *, split: str = "tr
     If ``root`` has ``train/`` and ``val/`` trees both are written (val uses train's classes);
     else with ``val_fraction > 0`` a seeded stratified split writes ``train`` and ``val``;
     else the whole tree becomes ``split``. Empty class folders raise :class:`DataError`
-    unless ``keep_empty_classes``. Returns ``{split: Manifest}``.
+    unless ``keep_empty_classes``. Writing is planned, parallel (``workers=N``) and resumable
+    (:mod:`tldist.data.ingest`). Returns ``{split: Manifest}``.
     """
     out_dir = Path(out_dir)
     layout = imagefolder_layout(root)
@@ -243,15 +300,15 @@ def write_imagefolder(root: str | Path, out_dir: str | Path, *, split: str = "tr
             raise ConfigError(f"'{root}' already has train/ and {layout['val'].name}/ trees; drop the val fraction")
         classes, train = samples_from_imagefolder(layout["train"], split="train", seed=seed, shuffle=shuffle,
                                                   keep_empty_classes=keep_empty_classes)
-        result["train"] = write_shards(train, out_dir / "train", "train", classes, **write_kw)
+        result["train"] = _write_split(train, out_dir / "train", "train", classes, **write_kw)
         _, val = samples_from_imagefolder(layout["val"], split="val", seed=seed, classes=classes, shuffle=shuffle)
-        result["val"] = write_shards(val, out_dir / "val", "val", classes, **write_kw)
+        result["val"] = _write_split(val, out_dir / "val", "val", classes, **write_kw)
         return result
     splits = ("train", "val") if val_fraction else (split,)
     for name in splits:
         classes, samples = samples_from_imagefolder(root, split=name, val_fraction=val_fraction, seed=seed,
                                                     shuffle=shuffle, keep_empty_classes=keep_empty_classes)
-        result[name] = write_shards(samples, out_dir / name, name, classes, **write_kw)
+        result[name] = _write_split(samples, out_dir / name, name, classes, **write_kw)
     return result
 
 
@@ -269,5 +326,5 @@ def write_csv(path: str | Path, out_dir: str | Path, *, root: Optional[str | Pat
     for name in (("train", "val") if val_fraction else (split,)):
         names, samples = samples_from_csv(path, root, classes=classes, split=name, val_fraction=val_fraction,
                                           seed=seed, shuffle=shuffle)
-        result[name] = write_shards(samples, out_dir / name, name, names, **write_kw)
+        result[name] = _write_split(samples, out_dir / name, name, names, **write_kw)
     return result

@@ -7,6 +7,7 @@ registration order (e.g. ResNet's ``bn1`` to the stem, ViT's final ``encoder.ln`
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tldist.config import TransferConfig
@@ -156,3 +157,35 @@ def _clean(name: str) -> str:
 
 def _under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def apply_head_classes(model: nn.Module, info: ModelInfo, *, saved_classes: list[str], classes: list[str],
+                       saved_state: dict) -> int:
+    """Give each class the head row the checkpoint trained for the same class *name*, in place.
+
+    Fine-tuning from a tldist checkpoint or export whose class list differs from this run's (another
+    order, some classes new or gone) must not reuse the head by position. Each final head ``Linear``
+    (``out_features == len(classes)``, under :attr:`ModelInfo.head`) is re-initialised
+    (``reset_parameters``, from the run's seeded RNG), then rows of classes the checkpoint knows are
+    copied from ``saved_state`` (the checkpoint's state dict). Returns the number of classes carried
+    over; nothing changes when the two lists are equal.
+    """
+    if list(saved_classes) == list(classes):
+        return 0
+    rows = [(i, saved_classes.index(c)) for i, c in enumerate(classes) if c in saved_classes]
+    carried = 0
+    for prefix in info.head:
+        for name, mod in model.get_submodule(prefix).named_modules(prefix=prefix):
+            if not (isinstance(mod, nn.Linear) and mod.out_features == len(classes)):
+                continue
+            weight, bias = saved_state.get(f"{name}.weight"), saved_state.get(f"{name}.bias")
+            if weight is None or weight.shape != (len(saved_classes), mod.in_features):
+                continue
+            mod.reset_parameters()
+            with torch.no_grad():
+                for new, old in rows:
+                    mod.weight[new] = weight[old]
+                    if mod.bias is not None and bias is not None:
+                        mod.bias[new] = bias[old]
+            carried = len(rows)
+    return carried

@@ -283,13 +283,22 @@ class Trainer:
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]  # BatchNorm statistics too
         shard_sum = float(sum(p.detach().double().sum() for p in shards))
         buffer_sum = float(sum(b.detach().double().sum() for b in buffers))
-        sums = gather_objects((shard_sum, buffer_sum))
+        import socket
+
+        host = socket.gethostname()
+        try:  # the address gloo advertises: its device binds to the address the hostname resolves to
+            ip = socket.gethostbyname(host)
+        except OSError:
+            ip = None
+        gathered = gather_objects((shard_sum, buffer_sum, host, ip))
+        sums = [(a, b) for a, b, _, _ in gathered]
         if sharded:  # each rank holds a disjoint shard: the full model's sum is the sum of the shards'
             checksum = sum(s for s, _ in sums) + sums[0][1]
         else:
             checksum = sums[0][0] + sums[0][1]
         return {"world_size": self.num_processes, "sharded_params": sharded,
-                "ranks_agree": None if sharded else all(c == sums[0] for c in sums), "param_checksum": checksum}
+                "ranks_agree": None if sharded else all(c == sums[0] for c in sums), "param_checksum": checksum,
+                "rank_hosts": [[h, i] for _, _, h, i in gathered]}
 
     def _log_train(self, window: torch.Tensor, steps: int, global_batch: int, grad_norm) -> None:
         """Reduce the window across ranks and log it (call on every rank)."""

@@ -121,6 +121,25 @@ def build_optimizer(cfg, groups: list[dict], lr: float) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
 
 
+def match_head_classes(model, info, checkpoint: str, classes: list[str]) -> None:
+    """When ``model.checkpoint`` is a tldist checkpoint or export that records its classes, give
+    every class of this run the head row trained for its name (see
+    :func:`~tldist.models.transfer.apply_head_classes`), never the row at the same position."""
+    from tldist.export import describe_checkpoint
+    from tldist.models.transfer import apply_head_classes
+
+    saved = describe_checkpoint(checkpoint)
+    if saved["kind"] == "weights" or not saved["classes"] or saved["classes"] == classes:
+        return
+    from safetensors.torch import load_file
+
+    weights = Path(saved["path"])
+    state = load_file(str(weights / "model.safetensors" if weights.is_dir() else weights))
+    carried = apply_head_classes(model, info, saved_classes=saved["classes"], classes=classes, saved_state=state)
+    log.info("model.checkpoint %s: head rows matched by class name (%d of %d classes carried over, the others "
+             "freshly initialised)", checkpoint, carried, len(classes))
+
+
 def claim_output_dir(output_dir: Path, accelerator):
     """Lock ``output_dir`` for this run (call on every rank; the main process holds the lock).
 
@@ -183,6 +202,8 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
     classes = tasks.classes if tasks is not None else read_classes(cfg.data)
     num_classes = check_num_classes(cfg.model, classes, f"data.train ({', '.join(cfg.data.train)})")
     model, info = build_model(cfg.model, num_classes, image_size=cfg.data.image_size)
+    if cfg.model.checkpoint and tasks is None:
+        match_head_classes(model, info, cfg.model.checkpoint, classes)
     apply_transfer(model, cfg.transfer, info)
     image_size = cfg.data.image_size or info.input_size
     # the loop is done with a batch by its next step (recycling); ranks stop together on data faults
