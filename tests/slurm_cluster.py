@@ -186,7 +186,8 @@ class MultiNodeCluster(SlurmCluster):
 
     def node_state(self, k: int) -> str:
         """SLURM's state of node ``k`` (``idle``, ``allocated``, ``down*``, ``idle*``, ...)."""
-        return self.run("sinfo", "-h", "-N", "-n", f"node{k}", "-o", "%T", check=False).stdout.strip()
+        return self.run("sinfo", "-h", "-N", "-n", f"node{k}", "-p", self.partition, "-o", "%T",
+                        check=False).stdout.strip()
 
 
 def _run_script(cmd: str, state_dir: Path, timeout: float, env: dict[str, str] | None = None

@@ -286,9 +286,11 @@ def test_check_decodes_with_the_training_decoders(tmp_path, caplog):
         decode_image(cut, "torchvision")  # ...torchvision does not
     good = [Sample(f"g{i}", image_bytes(i, fmt), fmt.lower(), 0) for i, fmt in enumerate(["BMP", "TIFF", "PPM"])]
     samples = good + [Sample("cut", cut, "png", 0)]
-    m = write_shards(samples, tmp_path / "both", "train", ["a"])
+    m = write_shards(samples, tmp_path / "both", "train", ["a"], check="decode")
     assert m.num_samples == 3 and m.meta["skipped"] == 1 and "torchvision" in m.meta["skipped_examples"][0]
     assert m.meta["writer"]["decoders"] == ["pil", "torchvision"]
-    assert write_shards(samples, tmp_path / "pil", "train", ["a"], decoders=["pil"]).num_samples == 4
+    assert write_shards(samples, tmp_path / "pil", "train", ["a"], check="decode", decoders=["pil"]).num_samples == 4
+    header = write_shards(samples, tmp_path / "header", "train", ["a"])  # the default: no IEND, caught cheaply
+    assert header.num_samples == 3 and header.meta["skipped_examples"] == ["cut: truncated PNG (no IEND chunk)"]
     with pytest.raises(ConfigError, match="decoders"):
         write_shards(samples, tmp_path / "x", "train", ["a"], decoders=["cv2"])

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import threading
 from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -151,8 +152,10 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    """Atomically (array tasks on several nodes write the same plan.json at once)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
 

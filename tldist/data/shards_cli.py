@@ -61,6 +61,15 @@ def parse_part(text: str | None) -> tuple[int, int]:
 
 
 def _write_kw(args: argparse.Namespace) -> dict[str, Any]:
+    import logging
+
+    log = logging.getLogger("tldist.data")  # show "resumed: kept K of N shards" and skip warnings
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1 processes, got {args.workers}")
     rank, world = parse_part(args.part)
@@ -87,9 +96,57 @@ def _read_classes(path: str | None) -> list[str] | None:
     return names
 
 
+class IngestPart:
+    """A picklable submitit job: part ``--part R/W`` of a ``tldist shards`` write (same arguments)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def __call__(self) -> str:
+        rc = self.args.func(self.args)
+        if rc:
+            raise RuntimeError(f"part {self.args.part} of the shard write exited with status {rc}")
+        return self.args.part
+
+
+def submit_parts(args: argparse.Namespace) -> int:
+    """``--submit --array N``: N SLURM array tasks (submitit) each write ``--part i/N``; this process
+    waits for them and merges every split into its manifest."""
+    import copy
+
+    from tldist.data.ingest import PLAN_NAME, STAGE_DIR, merge
+    from tldist.launch.slurm import JOB_NAME_PREFIX, Resources, job_folder, make_executor
+
+    if args.part:
+        raise ConfigError("--submit splits the write into --array parts itself; drop --part")
+    if args.array < 1:
+        raise ConfigError(f"--array must be >= 1 tasks, got {args.array}")
+    out = Path(args.out)
+    res = Resources(cpus_per_task=args.workers, partition=args.partition, time=args.time, cluster=args.cluster).check()
+    folder = Path(args.folder) if args.folder else out / "submitit"
+    executor = make_executor(job_folder(folder, args.cluster), res, f"{JOB_NAME_PREFIX}-shards")
+    jobs = []
+    with executor.batch():
+        for r in range(args.array):
+            part = copy.copy(args)
+            part.submit, part.part, part.no_progress = False, f"{r}/{args.array}", True
+            jobs.append(executor.submit(IngestPart(part)))
+    print(f"submitted {len(jobs)} shard-writing tasks ({', '.join(j.job_id for j in jobs[:4])}"
+          f"{'...' if len(jobs) > 4 else ''}); logs under {folder}; waiting (if stopped: rerun the same command "
+          f"to resume, or 'tldist shards merge' once they are done)", flush=True)
+    for j in jobs:
+        j.result()  # raises with the task's error
+    for plan in sorted(out.glob(f"**/{STAGE_DIR}/{PLAN_NAME}")):
+        print(_summary(plan.parents[1], merge(plan.parents[1])))
+    return 0
+
+
 def cmd_imagefolder(args: argparse.Namespace) -> int:
     """``tldist shards imagefolder``: shard a class-subdirectory tree (and its val split)."""
     from tldist.data.writer import write_imagefolder
+
+    if args.submit:
+        return submit_parts(args)
 
     out = Path(args.out)
     written = write_imagefolder(args.root, out, split=args.split, val_fraction=args.val_fraction, seed=args.seed,
@@ -104,6 +161,8 @@ def cmd_csv(args: argparse.Namespace) -> int:
     """``tldist shards csv``: shard the images listed in a ``path,label`` CSV/TSV file (and a val split)."""
     from tldist.data.writer import write_csv
 
+    if args.submit:
+        return submit_parts(args)
     out = Path(args.out)
     written = write_csv(args.file, out, root=args.root, classes=_read_classes(args.classes), split=args.split,
                         val_fraction=args.val_fraction, seed=args.seed, shuffle=not args.no_shuffle,
@@ -118,6 +177,8 @@ def cmd_torchvision(args: argparse.Namespace) -> int:
     from tldist.data.ingest import write_planned
     from tldist.data.writer import samples_from_torchvision
 
+    if args.submit:
+        return submit_parts(args)
     classes, samples = samples_from_torchvision(args.name, args.root, train=args.split == "train",
                                                 download=args.download, encode=args.encode, quality=args.quality,
                                                 seed=args.seed, shuffle=not args.no_shuffle)
@@ -186,6 +247,15 @@ def _add_write_options(p: argparse.ArgumentParser, split_choices: list[str] | No
                    help="write only part R of W (shards k with k %% W == R), e.g. one SLURM array task; 'auto' "
                         "reads SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE; then 'tldist shards merge' the split")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (images/s, ETA) on stderr")
+    s = p.add_argument_group("writing on SLURM (submitit)")
+    s.add_argument("--submit", action="store_true",
+                   help="write with --array N SLURM tasks (each --part i/N, --workers CPUs), wait, then merge")
+    s.add_argument("--array", type=int, default=4, metavar="N", help="array tasks for --submit (default 4)")
+    s.add_argument("--partition", default=None, help="SLURM partition for --submit")
+    s.add_argument("--time", default="4:00:00", help="time limit per task for --submit (default 4:00:00)")
+    s.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
+                   help="submitit cluster for --submit (local: processes on this machine)")
+    s.add_argument("--folder", default=None, help="submitit logs and pickles (default OUT/submitit)")
     g.add_argument("--seed", type=int, default=0, help="seed for the sample order and splits (default 0)")
     g.add_argument("--no-shuffle", action="store_true", help="keep the source order instead of a seeded shuffle")
     p.add_argument("--split", default="train", choices=split_choices, help="split name; output goes to OUT/<split>")

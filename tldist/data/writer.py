@@ -43,7 +43,11 @@ VAL_DIR_NAMES = ("val", "valid", "validation")
 
 
 class _Skip(Exception):
-    """A sample whose image cannot be used; the writer skips and counts it."""
+    """A sample whose image cannot be used; the writer skips and counts it. Object addresses
+    (``<_io.BytesIO object at 0x7f...>``) are cut from the message, so it is the same in every run."""
+
+    def __init__(self, message: str):
+        super().__init__(re.sub(r" object at 0x[0-9a-fA-F]+", " object", message))
 
 
 def header_problem(data: bytes) -> str:

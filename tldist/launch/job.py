@@ -212,9 +212,14 @@ class TrainJob:
 
 
 def _limit_threads() -> None:
-    """One intra-op thread pool per task sized to its CPUs (torch defaults to every core of the node)."""
+    """One intra-op thread pool per task sized to its CPUs (torch defaults to every core of the node).
+
+    Also exported as ``OMP_NUM_THREADS``: otherwise accelerate (MULTI_CPU) resets the pool to
+    physical cores / tasks on the node, so the same job got 1 thread per task on one node but 2 on
+    two nodes, and different floating-point results."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus and "OMP_NUM_THREADS" not in os.environ:
         import torch
 
+        os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus)))
         torch.set_num_threads(max(1, int(cpus)))
