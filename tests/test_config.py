@@ -150,3 +150,11 @@ def test_corrupt_manifest_is_one_line(tmp_path, raw):
     with pytest.raises(DataError) as e:
         load_manifest(tmp_path)
     assert f"manifest '{tmp_path}' is malformed" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mixed_precision_no_unquoted_means_full_precision():
+    """YAML 1.1 reads `no` as false; the documented `train.mixed_precision=no` must still mean fp32."""
+    from tldist.config import load_config
+
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"

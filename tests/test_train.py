@@ -163,6 +163,8 @@ def test_single_process_train_eval_export_predict(tiny_shards, tmp_path):
     (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
     (["model.num_classes=7"], "'model.num_classes' is 7 but data.train"),
     (["transfer.strategy=partial"], "transfer.strategy"),
+    (["train.fsdp=true"], "train.fsdp=true needs a process group"),
+    (["data.train=[a,"], "override 'data.train=[a,'"),
 ])
 def test_bad_input_is_one_clear_line(tiny_shards, tmp_path, extra, message):
     proc = run(tldist_cmd("train", "configs/test_tiny.yaml", *overrides(tiny_shards, tmp_path / "bad"), *extra),

@@ -161,6 +161,12 @@ class TrainConfig:
     """Seconds a collective (all-reduce, barrier) may wait for the other ranks before it raises and
     the job ends; bounds the hang when a node is lost without closing its connections."""
 
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads an unquoted `no` as false: `train.mixed_precision=no` (as documented) arrives
+        # here as the string "False"; it means full precision.
+        if self.mixed_precision in ("False", "false"):
+            self.mixed_precision = "no"
+
 
 @dataclass
 class CheckpointConfig:

@@ -61,7 +61,7 @@ def header_problem(data: bytes) -> str:
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            fmt, (w, h), mode = im.format, im.size, im.mode
+            fmt, (w, h) = im.format, im.size  # an unknown mode or bad header raises in open()
             if fmt not in _HEADER_FORMATS:
                 im.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...

@@ -1,6 +1,7 @@
 """Backbones with a new head (:func:`build_model`), transfer strategies and optimizer param groups."""
 
-from tldist.models.factory import ModelInfo, build_model, load_checkpoint
+from tldist.models.checkpoint_io import load_checkpoint
+from tldist.models.factory import ModelInfo, build_model
 from tldist.models.param_groups import build_param_groups, no_weight_decay_names
 from tldist.models.transfer import (
     apply_transfer,

@@ -218,6 +218,10 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
 
     # Placement and wrapping in one step; the optimizer is built on the final (possibly sharded) params.
     fsdp = fsdp_requested(cfg.train)
+    if fsdp and not torch.distributed.is_initialized():
+        raise ConfigError("train.fsdp=true needs a process group (even for one process): launch with "
+                          "'accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N -m tldist.cli "
+                          "train ...' or torchrun")
     parallel = parallelize(model, cfg.train, device=accelerator.device, world=world, fsdp=fsdp,
                            fsdp_blocks=fsdp_block_names(cfg.train, model, info.block_class_names) if fsdp else [])
     accum = cfg.train.grad_accum
