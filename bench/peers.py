@@ -128,8 +128,7 @@ def make_loader(tool: str, data: str, batch: int, workers: int, seed: int):
 
         cfg = DataConfig(train=[data], batch_size=batch, num_workers=workers, decode="pil", seed=seed)
         loader = build_train_loader(cfg, World(), image_size=SIZE, recycle_batches=True)
-        return loader, loader.batches_per_epoch if hasattr(loader, "batches_per_epoch") else 3000 // batch, \
-            lambda b: list(b["key"])
+        return loader, loader.steps_per_epoch, lambda b: list(b["key"])
     tf = _transform()
     if tool == "streaming":
         from streaming import StreamingDataLoader, StreamingDataset

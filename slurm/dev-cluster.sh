@@ -13,6 +13,8 @@
 #   slurm/dev-cluster.sh node K CMD...        run CMD on node K (its netns, hostname, hosts file)
 #   slurm/dev-cluster.sh link K down|up       cut / restore node K's link to the bridge
 #   slurm/dev-cluster.sh slurmd K kill|start  SIGKILL node K's slurmd / start it again
+#   slurm/dev-cluster.sh reset K              end every process on node K but its slurmd (what a
+#                                             reboot leaves); do it before `resume` after a fault
 #   slurm/dev-cluster.sh resume K             scontrol update nodename=<node K> state=resume
 #   slurm/dev-cluster.sh nodes                print "name ip namespace host-veth" per node
 # (these helpers take STATE_DIR from $TLDIST_SLURM_STATE_DIR only.)  Node K is named nodeK, has
@@ -59,7 +61,7 @@ case "$CMD" in
   start|stop|restart|status|env)
     if ((NODES > 1)); then STATE=${2:-${TLDIST_SLURM_STATE_DIR:-/tmp/tldist-slurm-${NODES}nodes}}
     else STATE=${2:-${TLDIST_SLURM_STATE_DIR:-/tmp/tldist-slurm}}; fi ;;
-  node|link|slurmd|resume|nodes)
+  node|link|slurmd|resume|nodes|reset)
     STATE=${TLDIST_SLURM_STATE_DIR:-/tmp/tldist-slurm-${NODES}nodes}
     HELPER_ARGS=("${@:2}") ;;
   *) usage ;;
@@ -675,6 +677,12 @@ case "$CMD" in
       start) node_slurmd_pid "${HELPER_ARGS[0]}" >/dev/null || start_node_slurmd "${HELPER_ARGS[0]}" ;;
       *) die "usage: $0 slurmd K kill|start" ;;
     esac ;;
+  reset)
+    node_arg "${HELPER_ARGS[0]:-}"
+    keep=$(node_slurmd_pid "${HELPER_ARGS[0]}" || true)
+    for pid in $(ip netns pids "$(node_ns "${HELPER_ARGS[0]}")" 2>/dev/null); do
+      [[ $pid == "$keep" ]] || { log "reset: killing $(cat /proc/$pid/comm 2>/dev/null) ($pid) on $(node_host "${HELPER_ARGS[0]}")"; kill -KILL "$pid" 2>/dev/null || true; }
+    done ;;
   resume)
     node_arg "${HELPER_ARGS[0]:-}"
     scontrol update nodename="$(node_host "${HELPER_ARGS[0]}")" state=resume ;;

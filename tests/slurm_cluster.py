@@ -180,6 +180,16 @@ class MultiNodeCluster(SlurmCluster):
         """Start node ``k``'s slurmd again (no-op while it runs)."""
         self.script("slurmd", str(k), "start")
 
+    def node_pids(self, k: int) -> list[int]:
+        """Pids of every process in node ``k``'s network namespace (its slurmd, job steps, tasks)."""
+        ns = next(n["netns"] for i, n in enumerate(self.nodes(), 1) if i == k)
+        out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout
+        return [int(p) for p in out.split()]
+
+    def reset(self, k: int) -> None:
+        """End every process on node ``k`` except its slurmd: what a reboot leaves of a failed node."""
+        self.script("reset", str(k))
+
     def resume(self, k: int) -> None:
         """``scontrol update nodename=node<k> state=resume`` (a DOWN node is otherwise re-pinged only every ~54 s)."""
         self.script("resume", str(k))

@@ -132,6 +132,19 @@ def test_size_plan_parts_and_merge(tmp_path):
         parse_part("4/4")
 
 
+def test_worker_errors_are_one_line_and_help_states_the_check_trade_off(tmp_path, capsys):
+    samples = [Sample(f"s{i}", photo(i), "jpg", 0) for i in range(6)] + [Sample("bad", photo(9), "jpg", 7)]
+    with pytest.raises(DataError, match=r"sample 'bad' \(\) has label 7, not in 0\.\.1"):
+        write_planned(samples, tmp_path / "o", "train", ["a", "b"], max_count=2, workers=2)
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    with pytest.raises(DataError, match="duplicate sample key 's1'"):
+        write_planned(samples[:3] + samples[1:2], tmp_path / "d", "train", ["a", "b"], workers=2)
+    with pytest.raises(SystemExit):
+        run(["shards", "imagefolder", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "header (default)" in text and "not corrupt data inside a complete file" in text
+
+
 def test_resume_keeps_valid_shards_and_redoes_changed_ones(tmp_path, caplog):
     src = make_tree(tmp_path / "src", odd=False)
     classes, samples = samples_from_imagefolder(src)

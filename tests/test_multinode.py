@@ -238,6 +238,18 @@ def test_usr2_checkpoints_both_nodes_at_one_step_and_requeues(slurm_multinode, t
 
 
 # ------------------------------------------------------------------ node failure
+def _bring_back(cluster, fault: str) -> None:
+    """The repaired node 2 rejoins: link up / slurmd started, leftovers of the old job ended (as a reboot
+    would; a stale step that re-registers makes SLURM revoke the job's credential while the requeued
+    attempt launches, and that attempt then FAILS with "Job credential revoked"), then resumed."""
+    if fault == "link-down":
+        cluster.link(2, up=True)
+    else:
+        cluster.start_slurmd(2)
+    cluster.reset(2)
+    cluster.resume(2)
+
+
 @pytest.mark.parametrize("fault", ["link-down", "slurmd-killed"])
 def test_lost_node_requeues_and_resumes(fault, slurm_multinode, two_runs, tiny_shards, tmp_path):
     """Node 2 disappears mid-training. SLURM marks it DOWN and requeues the job; no rank waits longer
@@ -261,19 +273,11 @@ def test_lost_node_requeues_and_resumes(fault, slurm_multinode, two_runs, tiny_s
         _wait(lambda: slurm_multinode.node_state(2).startswith("down"), 60, "node2 to be marked DOWN")
         _wait(lambda: slurm_multinode.scontrol_job(jid).get("Restarts") == "1", 60, "SLURM to requeue the job")
         t_requeued = time.monotonic() - t_fault
-        if fault == "link-down":
-            slurm_multinode.link(2, up=True)
-        else:
-            slurm_multinode.start_slurmd(2)
-        slurm_multinode.resume(2)
+        _bring_back(slurm_multinode, fault)
         restored = True
     finally:
         if not restored:
-            if fault == "link-down":
-                slurm_multinode.link(2, up=True)
-            else:
-                slurm_multinode.start_slurmd(2)
-            slurm_multinode.resume(2)
+            _bring_back(slurm_multinode, fault)
     _wait(lambda: "resumed from" in _job_logs(folder, jid), 180, "the requeued job to resume", slurm_multinode, jid)
     t_resumed = time.monotonic() - t_fault
     _wait(lambda: _has_results(folder, jid), 300, "the requeued job to finish", slurm_multinode, jid)

@@ -356,3 +356,43 @@ def test_ranks_draw_different_dropout_masks_from_the_same_model(tiny_shards, tmp
     assert r0["mask"] != r1["mask"]
     assert r0["weights"] == r1["weights"]
     assert r0["keys"] != r1["keys"]  # each rank reads its own slots, as before
+
+
+def test_log_lines_do_not_break_the_progress_bar_in_a_terminal(tiny_shards, tmp_path):
+    """In a terminal the step bar is drawn on stderr and log lines go through tqdm.write: no log line
+    is glued to a half-drawn bar (``...8.41step/s]10:58:07 INFO ...``)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    cmd = tldist_cmd("train", "configs/test_tiny.yaml", *overrides(tiny_shards, tmp_path / "o", "train.max_steps=12",
+                                                                   "data.num_workers=0", "train.log_every_steps=3"))
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env(), cwd=REPO)
+    os.close(slave)
+    out = b""
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=60)
+    os.close(master)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-2000:]
+    assert "/12 [" in text  # the bar was drawn
+    pieces = [p for line in text.replace("\r", "\n").split("\n") for p in [line]]
+    glued = [p for p in pieces if ("INFO" in p or "WARNING" in p) and ("step/s]" in p or "s/step]" in p)]
+    assert not glued, glued[:3]
+    assert sum(" INFO step " in p for p in pieces) >= 4  # every log line made it out

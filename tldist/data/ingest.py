@@ -291,15 +291,20 @@ def write_planned(samples: Any, out_dir: str | Path, split: str, classes: list[s
             bar = _Progress(total, desc, progress)
             records = [_write_shard(k) for k in mine]
         else:
-            with ProcessPoolExecutor(min(workers, len(mine)), mp_context=ctx, initializer=_init_worker) as pool:
+            pool = ProcessPoolExecutor(min(workers, len(mine)), mp_context=ctx, initializer=_init_worker)
+            try:
                 futures = [pool.submit(_write_shard, k) for k in mine]
                 bar = _Progress(total, desc, progress)
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)
                 failed = [f for f in done if f.exception() is not None]
-                if failed:
+                if failed:  # shards being written are finished (and kept for a rerun), the rest cancelled
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise failed[0].exception()
                 records = [f.result() for f in futures]
+            except BaseException:  # Ctrl-C: do not wait for the queued shards
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown()
     finally:
         if bar is not None:
             bar.close()

@@ -162,7 +162,15 @@ class TrainJob:
                     # submitit result carry it; this task ends with the CLI's status for user errors
                     raise SystemExit(2) from None
                 raise
-            except Exception:
+            except Exception as e:
+                if lost_peer(e):
+                    # A peer rank vanished (its node failed or was cut off, or it was killed). SLURM requeues
+                    # or fails the job; a submitit result from this task would be read as the job's outcome
+                    # while the requeued attempt is still running (seen: an orphaned rank on a cut-off node
+                    # timed out and its error pickle made the submitter give up). Log it, leave no result.
+                    log.error("rank %s lost its peers (%s); exiting without a result: SLURM requeues the job "
+                              "(--requeue) or reports it failed", job_env.global_rank, " ".join(str(e).split())[:300])
+                    raise SystemExit(1) from None
                 if "SIGTERM" not in stop.received:
                     raise
                 # SLURM is ending this attempt (scontrol requeue, preemption, scancel): SIGTERM also
@@ -209,6 +217,23 @@ class TrainJob:
                 raise RuntimeError(f"could not requeue job {job_env.job_id} ({e}); the latest checkpoint is in "
                                    f"{where}: resubmit the same command to continue") from None
         raise SystemExit(STOPPED_EXIT_CODE)
+
+
+_LOST_PEER_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
+                      "Timed out waiting", "Broken pipe", "NCCL communicator was aborted", "watchdog")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Did a collective fail because another rank is gone (timeout, connection closed)?"""
+    try:
+        from torch.distributed import DistError
+
+        if isinstance(exc, DistError):
+            return True
+    except ImportError:  # pragma: no cover - torch without distributed
+        pass
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(m in text for m in _LOST_PEER_MARKERS)
 
 
 def _limit_threads() -> None:
