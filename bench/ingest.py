@@ -2,8 +2,11 @@
 
 Part 1, write: the benchmark JPEGs (``bench/make_images.py``, 3,000 x ~23 KB, shorter side 256 px)
 written as shards by the planned writer at ``--workers 1`` and ``2`` for ``--check header`` (the
-default) and ``--check decode``, interleaved (A B B A...) and repeated; images/s and the ratio to
-1 worker, plus a byte-for-byte comparison of the outputs (shards + manifest) across worker counts.
+default), ``--check decode`` and ``resize160`` (``--max-side 160``: decode, resize, re-encode every
+image; CPU-bound, so it shows the scaling with processes best), interleaved (A B B A...) and repeated; images/s and the ratio to
+1 worker; images per CPU-second (this process + the workers: on a machine shared with other
+jobs the wall-clock rate follows their load, CPU time per image does not, so an unchanged per-CPU
+rate at N workers means throughput grows with the cores the job gets), plus a byte-for-byte comparison of the outputs (shards + manifest) across worker counts.
 
 Part 2, checks: per-image cost of each check level on the same JPEGs (one process, in-memory bytes,
 so file reads are excluded), and which level flags each corrupt/odd file (truncated JPEG, garbage,
@@ -15,7 +18,7 @@ cut PNG, empty, 16-bit PNG, CMYK JPEG, EXIF-rotated JPEG, bit-flipped JPEG). Usa
 from __future__ import annotations
 
 import argparse
-import io
+import os
 import shutil
 import sys
 import tempfile
@@ -45,6 +48,7 @@ def bench_writes(images: Path, repeats: int, workers: list[int], checks: list[st
     classes, samples = samples_from_imagefolder(images)
     variants = [f"{c}/{w}" for c in checks for w in workers]
     rate: dict[str, list[float]] = {v: [] for v in variants}
+    per_cpu: dict[str, list[float]] = {v: [] for v in variants}  # images per CPU-second (this + worker processes)
     tmp = Path(tempfile.mkdtemp(prefix="ingest_bench_"))
     outputs: dict[str, dict[str, bytes]] = {}
     try:
@@ -52,9 +56,13 @@ def bench_writes(images: Path, repeats: int, workers: list[int], checks: list[st
             check, w = v.split("/")
             out = tmp / v.replace("/", "_")
             shutil.rmtree(out, ignore_errors=True)
-            t0 = time.perf_counter()
-            write_planned(samples, out, "train", classes, min_shards=16, check=check, workers=int(w))
+            kw = {"check": "header", "max_side": 160} if check == "resize160" else {"check": check}
+            c0, t0 = os.times(), time.perf_counter()
+            write_planned(samples, out, "train", classes, min_shards=16, workers=int(w), **kw)
             rate[v].append(len(samples) / (time.perf_counter() - t0))
+            c1 = os.times()  # the pool's processes are joined (reaped) when write_planned returns
+            cpu = sum(getattr(c1, f) - getattr(c0, f) for f in ("user", "system", "children_user", "children_system"))
+            per_cpu[v].append(len(samples) / cpu)
             outputs[v] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -63,9 +71,12 @@ def bench_writes(images: Path, repeats: int, workers: list[int], checks: list[st
         check, w = v.split("/")
         base = rate[f"{check}/{workers[0]}"]
         ratios = [a / b for a, b in zip(rate[v], base)]
+        cpu_ratios = [a / b for a, b in zip(per_cpu[v], per_cpu[f"{check}/{workers[0]}"])]
         same = outputs[v] == outputs[f"{check}/{workers[0]}"]
-        rows.append([check, w, fmt_ms(rate[v], 0), fmt_ms(ratios), "yes" if same else "NO"])
-    return table(["--check", "workers", "images/s", f"x {workers[0]} worker", "bytes identical"], rows), \
+        rows.append([check, w, fmt_ms(rate[v], 0), fmt_ms(ratios), fmt_ms(per_cpu[v], 0), fmt_ms(cpu_ratios),
+                     "yes" if same else "NO"])
+    return table(["--check", "workers", "images/s (wall)", f"x {workers[0]} worker", "images per CPU-s",
+                  f"x {workers[0]} worker", "bytes identical"], rows), \
         f"{len(samples)} images, {repeats} repeats"
 
 
@@ -115,7 +126,7 @@ def main(argv=None) -> int:
     print(machine_line())
     t, note = bench_checks(Path(info["images"]), 200 if a.quick else 1000, repeats)
     print(f"\ncheck levels ({note})\n{t}")
-    t, note = bench_writes(Path(info["images"]), repeats, [1, 2], ["header", "decode"])
+    t, note = bench_writes(Path(info["images"]), repeats, [1, 2], ["header", "decode", "resize160"])
     print(f"\nwrite throughput ({note})\n{t}")
     return 0
 

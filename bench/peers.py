@@ -6,7 +6,9 @@ On the loader benchmark's JPEGs (``bench/make_images.py``: 3,000 x ~23 KB, short
   tldist ``write_planned`` (``--workers N``; ``--check header``, its default, and ``none``);
   streaming ``MDSWriter`` (one writer per process on a slice of the list, then ``merge_index``: its
   documented parallel conversion); ``litdata.optimize(num_workers=N)``. Timed inside the process,
-  from the file list to the finished dataset (interpreter start and imports excluded).
+  from the listed files to the finished dataset (interpreter start, imports and the directory
+  listing excluded; tldist's shard planning, which stats every file, included). Neither peer
+  checks the images; ``tldist-none`` (``--check none``) is the like-for-like row.
 * **load** train-loader images/s, every loader doing the same per-sample work: tldist's PIL decode +
   ``TrainTransform`` (RandomResizedCrop 224 + flip, uint8 out; imported from tldist by the peers),
   batch 64, 2 workers, shuffled; each in its recommended setup (tldist ``build_train_loader`` as the
@@ -68,9 +70,11 @@ def ingest(tool: str, images: str, out: str, procs: int, check: str = "header") 
     """Seconds to write ``images`` as ``tool``'s dataset at ``out`` with ``procs`` processes."""
     shutil.rmtree(out, ignore_errors=True)
     items = _files(images)
-    if tool == "tldist":  # imports outside the timed window, for every tool
+    if tool == "tldist":  # imports and the file listing outside the timed window, for every tool
         from tldist.data.ingest import write_planned
         from tldist.data.writer import samples_from_imagefolder
+
+        classes, samples = samples_from_imagefolder(images)
     elif tool == "streaming":
         from streaming import MDSWriter  # noqa: F401
         from streaming.base.util import merge_index
@@ -78,7 +82,6 @@ def ingest(tool: str, images: str, out: str, procs: int, check: str = "header") 
         import litdata
     t0 = time.perf_counter()
     if tool == "tldist":
-        classes, samples = samples_from_imagefolder(images)
         write_planned(samples, out, "train", classes, min_shards=16, workers=procs, check=check)
     elif tool == "streaming":
         if procs == 1:
@@ -157,19 +160,45 @@ def make_loader(tool: str, data: str, batch: int, workers: int, seed: int):
     return loader, len(loader), lambda b: [int(x) for x in b["idx"]]
 
 
-def load(tool: str, data: str, batch: int, workers: int, warmup: int, batches: int, seed: int) -> float:
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of this process and ``pids`` (Linux /proc)."""
+    total = time.process_time()
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _children() -> list[int]:
+    """Pids of this process's child processes (the loader workers), from /proc."""
+    me, kids = str(os.getpid()), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                kids.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            pass
+    return kids
+
+
+def load(tool: str, data: str, batch: int, workers: int, warmup: int, batches: int, seed: int) -> list[float]:
+    """[images/s (wall), images per CPU-second of the consumer + loader workers]."""
     _imports(tool)
     loader, _, _ = make_loader(tool, data, batch, workers, seed)
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    t0, n = time.perf_counter(), 0
+    pids = _children()
+    c0, t0, n = _cpu_seconds(pids), time.perf_counter(), 0
     for _ in range(batches):
         n += next(it)["image"].shape[0]
-    rate = n / (time.perf_counter() - t0)
+    rates = [n / (time.perf_counter() - t0), n / (_cpu_seconds(pids) - c0)]
     if hasattr(loader, "close"):
         loader.close()
-    return rate
+    return rates
 
 
 def resume(tool: str, data: str, batch: int, workers: int, seed: int, state: str, phase: str) -> dict:
@@ -289,15 +318,20 @@ def main(argv=None) -> int:
         rows = [[v.split("/")[0], v.split("/")[1], fmt_ms([n_img / s for s in secs[v]], 0),
                  fmt_ms([secs[f"tldist/{v.split('/')[1]}"][i] / s for i, s in enumerate(secs[v])])] for v in variants]
         print(f"\n## Ingest ({n_img} JPEGs, {a.repeats} repeats interleaved)\n")
-        print(table(["tool", "processes", "images/s", "x tldist (same processes)"], rows))
+        print(table(["tool", "processes", "images/s", "rate / tldist's (same processes)"], rows))
     if "load" in a.only:
         rate: dict[str, list[float]] = {t: [] for t in tools}
+        cpu: dict[str, list[float]] = {t: [] for t in tools}
         for r, t in abba(tools, a.repeats):
-            rate[t].append(call(a.root, "load", t, data=data[t], batch=a.batch, workers=a.workers, warmup=4,
-                                batches=a.batches, seed=r))
-        print(f"\n## Loading (batch {a.batch}, {a.workers} workers, {a.batches} timed batches after 4)\n")
-        print(table(["loader", "images/s", "tldist / this"],
-                    [[t, fmt_ms(rate[t], 0), fmt_ms([x / y for x, y in zip(rate['tldist'], rate[t])])] for t in tools]))
+            wall, per_cpu = call(a.root, "load", t, data=data[t], batch=a.batch, workers=a.workers, warmup=4,
+                                 batches=a.batches, seed=r)
+            rate[t].append(wall)
+            cpu[t].append(per_cpu)
+        print(f"\n## Loading (batch {a.batch}, {a.workers} workers, {a.batches} timed batches after 4, "
+              f"{a.repeats} repeats interleaved)\n")
+        print(table(["loader", "images/s (wall)", "tldist / this", "images per CPU-s", "tldist / this"],
+                    [[t, fmt_ms(rate[t], 0), fmt_ms([x / y for x, y in zip(rate['tldist'], rate[t])]),
+                      fmt_ms(cpu[t], 0), fmt_ms([x / y for x, y in zip(cpu['tldist'], cpu[t])])] for t in tools]))
     if "resume" in a.only:
         rows = []
         for t in tools:

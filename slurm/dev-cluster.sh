@@ -40,8 +40,8 @@
 #   TLDIST_SLURM_SLURMD_TIMEOUT=6  multi-node: SlurmdTimeout (MessageTimeout=3): a dead node goes
 #                                  DOWN (and its jobs requeue) ~10 s after the fault
 #
-# Exit codes: 0 ok, 1 failure, 2 usage, 3 cannot get root, 4 packages missing and no apt-get
-# (the test fixture skips on 3 and 4 unless CI=true).
+# Exit codes: 0 ok, 1 failure, 2 usage, 3 cannot get root, 4 packages missing and no apt-get,
+# 5 no network namespaces/bridges here (the test fixture skips on 3, 4 and 5 unless CI=true).
 set -euo pipefail
 
 PKGS=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
@@ -70,7 +70,7 @@ esac
 if [[ $CMD != start && $CMD != restart && -s $STATE/nodes.env ]]; then
   NODES=$(sed -n 's/^NODES=//p' "$STATE/nodes.env")
 fi
-if ((NODES > 1)); then CPUS=${TLDIST_SLURM_CPUS:-4}; else CPUS=${TLDIST_SLURM_CPUS:-8}; fi
+if ((NODES > 1)); then CPUS=${TLDIST_SLURM_CPUS:-4}; PKGS+=(iproute2); else CPUS=${TLDIST_SLURM_CPUS:-8}; fi
 
 # ---------------------------------------------------------------- privileges
 if [[ $EUID -ne 0 ]]; then
@@ -434,13 +434,14 @@ net_up() {
   [[ -z $other ]] || die "subnet $SUBNET.0/24 is already used by interface $other: set TLDIST_SLURM_SUBNET to a free private /24"
   net_down
   printf 'NODES=%s\nSUBNET=%s\nNETP=%s\n' "$NODES" "$SUBNET" "$NETP" >"$STATE/nodes.env"
-  ip link add "$BRIDGE" type bridge || die "could not create bridge $BRIDGE"
+  # exit 5: this machine cannot make bridges/namespaces (no CAP_NET_ADMIN): the fixture skips outside CI
+  ip link add "$BRIDGE" type bridge || { log "could not create bridge $BRIDGE (no CAP_NET_ADMIN?)"; exit 5; }
   ip addr add "$CTL_IP/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   local k ns veth peer
   for ((k = 1; k <= NODES; k++)); do
     ns=$(node_ns "$k") veth=$(node_veth "$k") peer=$NETP-p$k
-    ip netns add "$ns" || die "could not create netns $ns"
+    ip netns add "$ns" || { log "could not create netns $ns"; net_down; exit 5; }
     ip link add "$veth" type veth peer name "$peer" || die "could not create veth $veth"
     ip link set "$veth" master "$BRIDGE"
     ip link set "$veth" up
@@ -685,5 +686,9 @@ case "$CMD" in
     done ;;
   resume)
     node_arg "${HELPER_ARGS[0]:-}"
-    scontrol update nodename="$(node_host "${HELPER_ARGS[0]}")" state=resume ;;
+    state=$(sinfo -h -N -n "$(node_host "${HELPER_ARGS[0]}")" -p "$PARTITION" -o %T 2>/dev/null || true)
+    case $state in  # resuming a node that is not down/drained is an error in scontrol: nothing to do
+      down*|drain*|fail*) scontrol update nodename="$(node_host "${HELPER_ARGS[0]}")" state=resume ;;
+      *) log "$(node_host "${HELPER_ARGS[0]}") is ${state:-unknown}: nothing to resume" ;;
+    esac ;;
 esac

@@ -48,7 +48,8 @@ SCRIPT = REPO_ROOT / "slurm" / "dev-cluster.sh"
 DEFAULT_STATE_DIR = "/tmp/tldist-slurm"
 
 # exit codes of dev-cluster.sh meaning "SLURM cannot run on this machine" (-> skip outside CI)
-_CANNOT_RUN_CODES = {3: "needs root or passwordless sudo", 4: "SLURM packages missing and no apt-get"}
+_CANNOT_RUN_CODES = {3: "needs root or passwordless sudo", 4: "SLURM packages missing and no apt-get",
+                     5: "cannot create network namespaces or bridges (multi-node; needs CAP_NET_ADMIN)"}
 
 
 def _truthy(value: str | None) -> bool:

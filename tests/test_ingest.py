@@ -112,7 +112,7 @@ def test_same_bytes_for_any_number_of_workers_and_bad_files_named_alike(tmp_path
     assert "unreadable skipped: " in capsys.readouterr().out
 
 
-def test_size_plan_parts_and_merge(tmp_path):
+def test_size_plan_parts_and_merge(tmp_path, monkeypatch):
     src = make_tree(tmp_path / "src", odd=False)
     classes, samples = samples_from_imagefolder(src)
     whole = write_planned(samples, tmp_path / "whole", "train", classes, max_size=4000, max_count=None)
@@ -128,6 +128,13 @@ def test_size_plan_parts_and_merge(tmp_path):
     with pytest.raises(DataError, match="no write plan"):
         merge(tmp_path / "whole")
     assert parse_part("2/4") == (2, 4)
+    for k, v in {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "5"}.items():
+        monkeypatch.setenv(k, v)
+    assert parse_part("auto") == (2, 4)  # array 5-8: task 7 is part 2 of 4
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert parse_part("auto") == (1, 3)  # torchrun / accelerate launch ranks
     with pytest.raises(ConfigError, match="--part"):
         parse_part("4/4")
 
@@ -151,21 +158,27 @@ def test_resume_keeps_valid_shards_and_redoes_changed_ones(tmp_path, caplog):
     ref = write_planned(samples, tmp_path / "ref", "train", classes, max_count=4)
     stage = tmp_path / "out" / STAGE_DIR
     write_planned(samples, tmp_path / "out", "train", classes, max_count=4, rank=0, world=2)  # half the shards
-    (stage / "train-000002.tar").write_bytes(b"tampered")  # a kept shard must still hash right
-    old = write_planned([Sample("x", photo(1), "jpg", 0)], tmp_path / "old", "train", ["a"])
+    staged = bytearray((stage / "train-000002.tar").read_bytes())
+    staged[700] ^= 1  # same size, one bit changed in the image data: only the checksum sees it
+    (stage / "train-000002.tar").write_bytes(bytes(staged))
+    write_planned([Sample("x", photo(1), "jpg", 0)], tmp_path / "old", "train", ["a"])
     with caplog.at_level(logging.INFO, logger="tldist.data"):
         m = write_planned(samples, tmp_path / "out", "train", classes, max_count=4, workers=2)
     assert "kept 4 of 9 finished shards, wrote 5" in caplog.text  # shards 0, 4, 6, 8 kept; 2 redone
     assert files_of(tmp_path / "out") == files_of(tmp_path / "ref") and m.shards == ref.shards
-    # changed options change every shard's digest: nothing is reused, the earlier set stays until the merge
+    # changed options change every shard's digest: nothing is reused; the earlier set stays until the merge
     write_planned(samples, tmp_path / "old", "train", classes, max_count=4, rank=0, world=2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tldist.data"):
+        write_planned(samples, tmp_path / "old", "train", classes, max_count=4, check="none", rank=0, world=2)
+    assert "kept" not in caplog.text
     assert json.loads((tmp_path / "old" / "manifest.json").read_text())["num_samples"] == 1
 
 
 def test_kill_9_mid_write_then_resume_is_identical(tmp_path):
     """A real `tldist shards` process (2 workers) is SIGKILLed after its first finished shard; the
     rerun keeps what was finished and the result equals an uninterrupted write, byte for byte."""
-    src = make_tree(tmp_path / "src", per_class=40, odd=True)
+    src = make_tree(tmp_path / "src", per_class=60, odd=True)
     args = ["shards", "imagefolder", str(src), "--max-count", "3", "--check", "decode", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "killed"
@@ -180,11 +193,11 @@ def test_kill_9_mid_write_then_resume_is_identical(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
     assert not (out / "x" / "train" / "manifest.json").exists()
     finished = len(list(stage.glob("*.tar.json")))
-    assert 1 <= finished < 43  # killed mid-write (127 images, 3 per shard: 43 shards)
+    assert 1 <= finished < 63  # killed mid-write (187 images, 3 per shard: 63 shards)
     done = subprocess.run([sys.executable, "-m", "tldist.cli", *args, str(out / "x"), "--workers", "2"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"kept {finished} of 43 finished shards" in done.stderr  # workers died with the writer: none added more
+    assert f"kept {finished} of 63 finished shards" in done.stderr  # workers died with the writer: none added more
     run([*args, str(tmp_path / "ref"), "--workers", "1"])
     assert files_of(out / "x" / "train") == files_of(tmp_path / "ref" / "train")
 
@@ -203,3 +216,23 @@ def test_array_write_on_the_dev_cluster_equals_a_local_write(slurm_cluster, tmp_
         assert files_of(tmp_path / "slurm" / split) == files_of(tmp_path / "local" / split), split
     logs = "".join(p.read_text() for p in (tmp_path / "slurm" / "submitit").rglob("*_log.out"))
     assert "this part is written" in logs  # each task wrote a part, not the whole set
+
+
+def test_tar_writer_matches_tarfile_ustar_byte_for_byte():
+    import tarfile
+
+    from tldist.data.ingest import _TarOut
+
+    members = [("0000001_a-b.jpg", photo(1)), ("0000001_a-b.cls", b"3"), ("x" * 90 + ".webp", bytes(1024))]
+    buf = io.BytesIO()
+    out = _TarOut(buf)
+    for name, data in members:
+        out.add(name, data)
+    out.close(buf.tell())
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w|", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.uname, info.gname, info.mtime = len(data), 0o444, "bigdata", "bigdata", 0
+            tf.addfile(info, io.BytesIO(data))
+    assert buf.getvalue() == ref.getvalue()

@@ -279,8 +279,10 @@ def test_data_fault_on_one_rank_stops_every_rank_together(tmp_path):
 
 
 def rank_pid(launcher_pid: int, rank: int) -> int:
-    """The pid of the process with RANK=rank among the descendants of ``launcher_pid``."""
+    """The pid of the process with RANK=rank among the descendants of ``launcher_pid`` (the rank itself,
+    not one of its DataLoader workers, which inherit its environment)."""
     children = {launcher_pid}
+    parent: dict[int, int] = {}
     found = True
     while found:
         found = False
@@ -291,13 +293,18 @@ def rank_pid(launcher_pid: int, rank: int) -> int:
                 continue
             if ppid in children and pid not in children:
                 children.add(pid)
+                parent[pid] = ppid
                 found = True
+    matches = set()
     for pid in children - {launcher_pid}:
         try:
             environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
         if f"RANK={rank}".encode() in environ and b"LOCAL_RANK=%d" % rank in environ:
+            matches.add(pid)
+    for pid in matches:
+        if parent[pid] not in matches:
             return pid
     raise AssertionError(f"no rank {rank} process under {launcher_pid}")
 

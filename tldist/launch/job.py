@@ -220,7 +220,7 @@ class TrainJob:
 
 
 _LOST_PEER_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
-                      "Timed out waiting", "Broken pipe", "NCCL communicator was aborted", "watchdog")
+                      "Timed out waiting", "Broken pipe", "NCCL communicator was aborted")
 
 
 def lost_peer(exc: BaseException) -> bool:
