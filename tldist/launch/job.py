@@ -18,6 +18,10 @@ One call of ``TrainJob()`` is one attempt of a (possibly requeued) training job:
    requeued attempt. After SIGTERM (scancel, preemption, ``scontrol requeue``; also when USR2 came
    with it) nothing is requeued here: SLURM brings the job back itself or not at all.
 
+A rank whose collective fails because a peer vanished (node lost or cut off, peer killed; no SIGTERM
+reached this rank) logs it and exits without a submitit result: SLURM requeues or fails the job, and
+an orphan's error must not be read as the outcome of the requeued attempt.
+
 ``checkpoint()`` is kept for the short window before ``__call__`` installs its handlers
 (unpickling, imports): submitit then calls it on rank 0 and requeues the unchanged job.
 """
@@ -163,7 +167,7 @@ class TrainJob:
                     raise SystemExit(2) from None
                 raise
             except Exception as e:
-                if lost_peer(e):
+                if "SIGTERM" not in stop.received and lost_peer(e):
                     # A peer rank vanished (its node failed or was cut off, or it was killed). SLURM requeues
                     # or fails the job; a submitit result from this task would be read as the job's outcome
                     # while the requeued attempt is still running (seen: an orphaned rank on a cut-off node
