@@ -187,6 +187,16 @@ class MultiNodeCluster(SlurmCluster):
         out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=True).stdout
         return [int(p) for p in out.split()]
 
+    def crash(self, k: int) -> None:
+        """Node ``k`` crashes: its slurmd is SIGKILLed and every other process on it (job steps, tasks,
+        loader workers) is frozen with SIGSTOP, as on a hung or powered-off host; :meth:`reset` ends them."""
+        import signal
+
+        self.kill_slurmd(k)
+        for pid in self.node_pids(k):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
     def reset(self, k: int) -> None:
         """End every process on node ``k`` except its slurmd: what a reboot leaves of a failed node."""
         self.script("reset", str(k))
