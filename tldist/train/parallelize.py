@@ -116,12 +116,20 @@ def parallelize(model: nn.Module, cfg: TrainConfig, *, device: torch.device, wor
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
     mode = "single"
+    compile_mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     if fsdp:
+        if cfg.compile:
+            # Per block, before sharding (torchtitan's order), with static shapes: compiling the root
+            # over FSDP2's hooks, or blocks with dynamic shapes after recompiles, failed in Inductor on
+            # CPU with torch 2.14.1 ("Cannot convert expression to float" in the backward).
+            for module in model.modules():
+                if type(module).__name__ in fsdp_blocks:
+                    module.compile(mode=compile_mode, dynamic=False)
         wrapped = apply_fsdp2(model, fsdp_blocks, device_type=device.type)
         log.info("FSDP2: %d sharded blocks (%s...) + root", len(wrapped), ", ".join(wrapped[:3]))
         mode = "fsdp2"
-    if cfg.compile:
-        model.compile(mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    elif cfg.compile:
+        model.compile(mode=compile_mode)
     wrapped_model = model
     if world.world_size > 1 and not fsdp:
         # Frozen stages (linear probe, last_n) leave parameters without gradients. Gradients are
