@@ -40,7 +40,8 @@ import tldist
 from tldist.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from tldist.data.sources import Sample, SampleSource, normalize_ext
 from tldist.data.transforms import DECODERS
-from tldist.data.writer import (DEFAULT_CHECK, _check_options, _prepare, _Skip, check_key, check_sample)
+from tldist.data.writer import (DEFAULT_CHECK, _check_options, _prepare, _prepare_out, _Skip, check_key,
+                                 check_sample)
 from tldist.errors import DataError
 
 log = logging.getLogger("tldist.data")
@@ -261,18 +262,6 @@ class _Progress:
         self._thread.join()
         self.bar.update(_COUNTER.value - self.bar.n)
         self.bar.close()
-
-
-def _prepare_out(out_dir: Path, split: str) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"output '{out_dir}' exists and is not a directory")
-    if (out_dir / MANIFEST_NAME).is_file():
-        try:
-            old_split = load_manifest(out_dir).split
-        except DataError:
-            old_split = split
-        if old_split != split:
-            raise DataError(f"'{out_dir}' already holds the '{old_split}' shard set; write '{split}' to its own directory")
 
 
 def write_planned(samples: Any, out_dir: str | Path, split: str, classes: list[str], *,

@@ -167,6 +167,19 @@ def _check_options(split: str, classes: list[str], max_count: Optional[int], max
         raise ConfigError(f"decoders {bad or list(decoders)!r}: give a non-empty list of {', '.join(DECODERS)}")
 
 
+def _prepare_out(out_dir: Path, split: str) -> None:
+    """Refuse an output path that is a file, or a directory holding another split's shard set."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output '{out_dir}' exists and is not a directory")
+    if (out_dir / MANIFEST_NAME).is_file():
+        try:
+            old_split = load_manifest(out_dir).split
+        except DataError:
+            old_split = split
+        if old_split != split:
+            raise DataError(f"'{out_dir}' already holds the '{old_split}' shard set; write '{split}' to its own directory")
+
+
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, classes: list[str], *,
                  max_count: Optional[int] = 10000, max_size: Optional[float] = 500e6, min_shards: int = 1,
                  reencode: Optional[str] = None, quality: int = 90, max_side: int = 0, check: str = DEFAULT_CHECK,
@@ -189,16 +202,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
     reencode = normalize_ext(reencode) if reencode else None
     _check_options(split, classes, max_count, max_size, min_shards, reencode, quality, max_side, check, decoders)
     decoders = list(decoders)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"output '{out_dir}' exists and is not a directory")
-    old = out_dir / MANIFEST_NAME
-    if old.is_file():
-        try:
-            old_split = load_manifest(out_dir).split
-        except DataError:
-            old_split = split
-        if old_split != split:
-            raise DataError(f"'{out_dir}' already holds the '{old_split}' shard set; write '{split}' to its own directory")
+    _prepare_out(out_dir, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     count_cap = max_count or 2**62
     if min_shards > 1 and hasattr(samples, "__len__") and len(samples) > 0:
@@ -241,7 +245,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
         raise
     if len(skipped) > 20:
         log.warning("skipped %d unreadable images in total for '%s'", len(skipped), out_dir)
-    old.unlink(missing_ok=True)  # from here until the new manifest exists, no manifest describes the dir
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # from here until the new manifest exists, no manifest describes the dir
     for f in counts:
         if counts[f] > 0:
             os.replace(f + ".partial", f)
