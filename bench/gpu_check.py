@@ -106,6 +106,11 @@ class Sizes:
     loader_args: list[str]
 
 
+
+def _median(values):
+    """The middle value (upper median for an even count), as the benchmark scripts report."""
+    return sorted(values)[len(values) // 2]
+
 def sizes_for(device: str) -> Sizes:
     cores = os.cpu_count() or 2
     if device == "cuda":
@@ -481,12 +486,11 @@ def check_loop(decode: str, repeats: Optional[int] = None, cuda_only: bool = Fal
         ctx.run([ctx.py, str(BENCH / "loop_overhead.py"), "--data", ctx.data["train"]["root"], "--decode", decode,
                  "--json", str(js), *args], timeout=240, threads=1)
         r = json.loads(js.read_text())
-        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
         ips, wait = r["images_per_s"], r["data_wait_frac"]
         res.details = r
         res.figures = (f"{r['model']} {r['precision']} {r['size']}px b{r['batch']} {r['workers']} workers "
-                       f"({decode}): real {med(ips['real']):.0f} / synthetic {med(ips['synthetic']):.0f} img/s = "
-                       f"{med(r['real_over_synthetic']):.3f}, data-wait real {med(wait['real']):.1%}"
+                       f"({decode}): real {_median(ips['real']):.0f} / synthetic {_median(ips['synthetic']):.0f} img/s = "
+                       f"{_median(r['real_over_synthetic']):.3f}, data-wait real {_median(wait['real']):.1%}"
                        + (f", peak mem {r['gpu_mem_gb']:.1f} GB" if r.get("gpu_mem_gb") else ""))
     return check
 
@@ -499,13 +503,12 @@ def check_loader(ctx: Ctx, res: Result) -> None:
              "--variants", "shard-tv,shard-nvjpeg", "--device", ctx.device, "--json", str(js),
              *ctx.sizes.loader_args], timeout=240, threads=1)
     r = json.loads(js.read_text())
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     ips, cpu = r["images_per_s"], r["images_per_cpu_s"]
     res.details = r
     res.figures = (f"224px b{r['batch']} {r['workers']} workers -> {r['device']}: "
-                   f"torchvision {med(ips['shard-tv']):.0f} img/s, nvjpeg {med(ips['shard-nvjpeg']):.0f} img/s "
-                   f"(x{med([a / b for a, b in zip(ips['shard-nvjpeg'], ips['shard-tv'])]):.2f}); per CPU-s "
-                   f"{med(cpu['shard-tv']):.0f} vs {med(cpu['shard-nvjpeg']):.0f}")
+                   f"torchvision {_median(ips['shard-tv']):.0f} img/s, nvjpeg {_median(ips['shard-nvjpeg']):.0f} img/s "
+                   f"(x{_median([a / b for a, b in zip(ips['shard-nvjpeg'], ips['shard-tv'])]):.2f}); per CPU-s "
+                   f"{_median(cpu['shard-tv']):.0f} vs {_median(cpu['shard-nvjpeg']):.0f}")
 
 
 def check_pixels(ctx: Ctx, res: Result) -> None:

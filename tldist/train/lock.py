@@ -207,13 +207,19 @@ def _str_or_none(value: Any) -> Optional[str]:
 # ---------------------------------------------------------------------------------- file operations
 def _write_unique(directory: Path, text: str) -> Path:
     tmp = directory / f".{LOCK_NAME}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    _write_new(tmp, text)
+    return tmp
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` exclusively (``O_CREAT | O_EXCL``), write ``text`` and fsync it;
+    raises ``FileExistsError`` when it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.write(fd, text.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    return tmp
 
 
 def _create_exclusive(path: Path, text: str) -> tuple[bool, float]:
@@ -243,14 +249,9 @@ def _create_exclusive(path: Path, text: str) -> tuple[bool, float]:
 
 def _create_excl_fallback(path: Path, text: str) -> bool:
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _write_new(path, text)
     except FileExistsError:
         return False
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return True
 
 
