@@ -22,6 +22,12 @@ Variants, measured interleaved in one run (A B C.., ..C B A, A B C), ``--repeats
 * ``imagefolder`` ``torchvision.datasets.ImageFolder`` + ``DataLoader(shuffle=True)``, same W and B,
                   the torchvision reference transforms (RandomResizedCrop(224) + RandomHorizontalFlip +
                   ToTensor + Normalize): float32 batches cross the process boundary.
+* ``shard-ra``    ``shard`` with ``data.auto_augment=rand-m9-mstd0.5-inc1`` (timm's RandAugment in the workers, on
+                  the cropped 224 px image; ``--policy`` changes it); ``ceiling-ra``: the ceiling below with the
+                  same policy, its own decode + augment ceiling.
+* ``shard+norm+re`` ``shard+norm`` with ``data.random_erasing=0.25`` (timm's RandomErasing, pixel mode, on the
+                  normalized batch in the consuming process, per-sample seeds from the workers): what erasing
+                  on the device batch adds to the consumer.
 * ``ceiling``     tldist's own decode + train transform on in-memory JPEG bytes in a W-process
                   ``multiprocessing.Pool``; nothing but a count comes back (no IPC, no tar reading,
                   no batching): what W cores can do at best. ``ceiling-tv``: the same with
@@ -71,7 +77,9 @@ def proc_cpu_seconds(pids) -> float:
         except (OSError, IndexError, ValueError):
             pass
     return total
-VARIANTS = ("shard", "shard+norm", "shard-tv", "shard-nvjpeg", "imagefolder", "ceiling", "ceiling-tv")
+VARIANTS = ("shard", "shard+norm", "shard-tv", "shard-nvjpeg", "imagefolder", "ceiling", "ceiling-tv", "shard-ra",
+            "ceiling-ra", "shard+norm+re")
+POLICY = "rand-m9-mstd0.5-inc1"
 
 # ---------------------------------------------------------------------------------------
 # ceiling: decode + augment in a process pool on in-memory bytes
@@ -79,22 +87,31 @@ VARIANTS = ("shard", "shard+norm", "shard-tv", "shard-nvjpeg", "imagefolder", "c
 _BYTES: list[bytes] = []
 
 
-def _pool_init() -> None:
+def _train_transform(size: int, policy: str = ""):
+    """The loader's train transform, with ``data.auto_augment=policy`` as ``build_train_loader`` builds it."""
+    from tldist.data.augment import build_worker_augment
+    from tldist.data.transforms import IMAGENET_MEAN, build_train_transform
+
+    return build_train_transform(size, augment=build_worker_augment(policy, 0.0, image_size=size, mean=IMAGENET_MEAN))
+
+
+def _pool_init(policy: str = "") -> None:
     import torch
 
-    from tldist.data.transforms import build_train_transform, decode_image
+    from tldist.data.transforms import decode_image
 
     torch.set_num_threads(1)  # as in DataLoader workers
-    t = build_train_transform(IMAGE_SIZE)
-    for decoder in ("pil", "torchvision"):  # first-use imports/initialisation stay out of the timing
-        t(decode_image(_BYTES[0], decoder), random.Random(0))
+    for p in dict.fromkeys(["", policy]):
+        t = _train_transform(IMAGE_SIZE, p)
+        for decoder in ("pil", "torchvision"):  # first-use imports/initialisation stay out of the timing
+            t(decode_image(_BYTES[0], decoder), random.Random(0))
 
 
-def _ceiling_chunk(args: tuple[int, int, str, int]) -> int:
-    from tldist.data.transforms import build_train_transform, decode_image
+def _ceiling_chunk(args: tuple[int, int, str, int, str]) -> int:
+    from tldist.data.transforms import decode_image
 
-    start, count, decoder, size = args
-    transform = build_train_transform(size)
+    start, count, decoder, size, policy = args
+    transform = _train_transform(size, policy)
     for k in range(count):
         i = start + k
         transform(decode_image(_BYTES[i % len(_BYTES)], decoder), random.Random(i))
@@ -102,17 +119,17 @@ def _ceiling_chunk(args: tuple[int, int, str, int]) -> int:
 
 
 class Ceiling:
-    def __init__(self, files: list[Path], workers: int):
+    def __init__(self, files: list[Path], workers: int, policy: str = ""):
         global _BYTES
         _BYTES = [f.read_bytes() for f in files]  # before the fork: the workers inherit them
         self.workers = workers
-        self.pool = get_context("fork").Pool(workers, initializer=_pool_init)
+        self.pool = get_context("fork").Pool(workers, initializer=_pool_init, initargs=(policy,))
         self.offset = 0
 
-    def run(self, n: int, decoder: str) -> tuple[float, float]:
+    def run(self, n: int, decoder: str, policy: str = "") -> tuple[float, float]:
         """(images/s, images per CPU-second) for ``n`` images split evenly over the workers."""
         per = n // self.workers
-        jobs = [(self.offset + w * per, per, decoder, IMAGE_SIZE) for w in range(self.workers)]
+        jobs = [(self.offset + w * per, per, decoder, IMAGE_SIZE, policy) for w in range(self.workers)]
         self.offset += n
         pids = [w.pid for w in self.pool._pool]  # noqa: SLF001  (the pool's worker processes)
         c0, t0 = proc_cpu_seconds(pids), time.perf_counter()
@@ -156,25 +173,27 @@ def _time_batches(it, warmup: int, batches: int, pids, consume=None, sync=None) 
 
 
 def run_shard(shards: str, workers: int, batch: int, warmup: int, batches: int, decode: str, normalize: bool,
-              seed: int, device: str = "cpu") -> tuple[float, float]:
+              seed: int, device: str = "cpu", policy: str = "", erase: float = 0.0) -> tuple[float, float]:
     """(images/s, images per CPU-second) of tldist's train loader; on a ``device`` other than the CPU
     every batch is put there by ``images_on`` (nvjpeg: decoded there) and timing windows are synchronized."""
     import torch
 
     from tldist.config import DataConfig
+    from tldist.data.augment import erase_batch
     from tldist.data.device_decode import images_on
     from tldist.data.pipeline import build_train_loader
     from tldist.data.transforms import Normalizer
     from tldist.world import World
 
-    cfg = DataConfig(train=[shards], batch_size=batch, num_workers=workers, decode=decode, seed=seed)
+    cfg = DataConfig(train=[shards], batch_size=batch, num_workers=workers, decode=decode, seed=seed,
+                     auto_augment=policy, random_erasing=erase)
     loader = build_train_loader(cfg, World(), image_size=IMAGE_SIZE, recycle_batches=True)  # as the trainer does
     norm = Normalizer(device=device) if normalize else None  # conversion where the batch is, as the trainer
     on_device = torch.device(device).type != "cpu"
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     try:
         it = iter(loader)
-        consume = (lambda b: norm(images_on(b, device))) if norm else (lambda b: images_on(b, device))
+        consume = (lambda b: erase_batch(norm(images_on(b, device)), b)) if norm else (lambda b: images_on(b, device))
         return _time_batches(it, warmup, batches, lambda: [w.pid for w in loader._it._workers],  # noqa: SLF001
                              consume if norm or decode == "nvjpeg" or on_device else None, sync)
     finally:
@@ -202,6 +221,34 @@ def run_imagefolder(root: str, workers: int, batch: int, warmup: int, batches: i
         del it
 
 
+def erase_micro(repeats: int, batch: int, probability: float) -> dict[str, list[float]]:
+    """ms per batch of ``batch`` 224 px images, interleaved A/B ``repeats`` times, one torch thread:
+    ``device``: :func:`~tldist.data.augment.erase_batch` on a normalized float batch (timm's RandomErasing,
+    pixel mode: what the trainer runs); ``worker``: the alternative, torchvision v2 ``RandomErasing(value=0)``
+    on each uint8 image as a worker would (torch generator seeded per sample; uint8 cannot hold timm's
+    N(0, 1) noise in normalized units, so this is the constant-fill variant)."""
+    import torch
+    from torchvision.transforms import v2
+
+    from tldist.data.augment import erase_batch, erase_fields
+
+    x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+    u8 = torch.randint(0, 256, (batch, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    tv = v2.RandomErasing(p=probability, value=0)
+    out: dict[str, list[float]] = {"device": [], "worker": []}
+    for r in range(repeats):
+        for v in (("device", "worker") if r % 2 == 0 else ("worker", "device")):
+            t0 = time.perf_counter()
+            if v == "device":
+                erase_batch(x, erase_fields(probability, list(range(r * batch, (r + 1) * batch))))
+            else:
+                for i in range(batch):
+                    torch.default_generator.manual_seed(r * batch + i)
+                    u8[i] = tv(u8[i])
+            out[v].append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=None, help="output dir of make_images.py (made if missing)")
@@ -212,14 +259,33 @@ def main(argv=None) -> int:
                    help="timed batches per measurement (rounded up to a multiple of --workers)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--policy", default=POLICY, help="data.auto_augment of the -ra variants")
     p.add_argument("--device", default="cpu", help="where shard* consumers put batches (cpu, cuda): see the docstring")
     p.add_argument("--json", type=Path, default=None, help="also write the per-repeat figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny data, 3 batches, 1 repeat")
+    p.add_argument("--erase-micro", type=int, default=0, metavar="N",
+                   help="only time random erasing on the batch vs per image in a worker, N interleaved repeats")
     a = p.parse_args(argv)
     from make_images import make_images
 
     if a.quick:
         a.batch, a.warmup, a.batches, a.repeats = 16, 2, 4, 1
+    if a.erase_micro:
+        import torch
+
+        torch.set_num_threads(1)
+        print(machine_line())
+        res_e = {p: erase_micro(a.erase_micro, a.batch, p) for p in (0.25, 1.0)}
+        print(f"# random erasing, ms per batch of {a.batch} at {IMAGE_SIZE} px, one thread, median [min-max] of "
+              f"{a.erase_micro} interleaved repeats; load {loadavg()}\n")
+        print(table(["probability", "device: erase_batch (float batch)", "worker: v2.RandomErasing per uint8 image"],
+                    [[p, fmt_ms(r["device"], 1), fmt_ms(r["worker"], 1)] for p, r in res_e.items()]))
+        if a.json is not None:
+            import json
+
+            a.json.write_text(json.dumps({"erase_ms_per_batch": {str(p): r for p, r in res_e.items()},
+                                          "batch": a.batch, "image_size": IMAGE_SIZE}, indent=1))
+        return 0
     rounds = lambda n: max(1, -(-n // max(a.workers, 1))) * max(a.workers, 1)  # noqa: E731  (see docstring)
     a.warmup, a.batches = rounds(a.warmup), rounds(a.batches)
     import torch
@@ -233,7 +299,7 @@ def main(argv=None) -> int:
     print(f"# {len(files)} JPEGs, mean {info['mean_kb']} KB, {info['shard_count']} shards; workers={a.workers} "
           f"batch={a.batch} size={IMAGE_SIZE}; {a.batches} timed batches after {a.warmup} warm-up, "
           f"{a.repeats} repeats interleaved; shard batches to device {a.device}")
-    ceiling = Ceiling(files, a.workers) if any(v.startswith("ceiling") for v in variants) else None
+    ceiling = Ceiling(files, a.workers, a.policy) if any(v.startswith("ceiling") for v in variants) else None
     if ceiling is not None:
         ceiling.run(4 * a.workers, "pil")  # start the pool
     n_ceiling = a.batch * a.batches
@@ -261,6 +327,14 @@ def main(argv=None) -> int:
                 ips, per_cpu = ceiling.run(n_ceiling, "pil")
             elif v == "ceiling-tv":
                 ips, per_cpu = ceiling.run(n_ceiling, "torchvision")
+            elif v == "shard-ra":
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", False, seed,
+                                         a.device, policy=a.policy)
+            elif v == "ceiling-ra":
+                ips, per_cpu = ceiling.run(n_ceiling, "pil", a.policy)
+            elif v == "shard+norm+re":
+                ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", True, seed,
+                                         a.device, erase=0.25)
             else:
                 raise SystemExit(f"unknown variant {v}; choose from {', '.join(VARIANTS)}")
             res[v].append(ips)
@@ -287,13 +361,15 @@ def main(argv=None) -> int:
             ratio("shard+norm", "ceiling"), ratio("shard+norm", "imagefolder", "1.0"),
             ratio("shard-tv", "ceiling-tv", "0.9"), ratio("shard-tv", "ceiling"), ratio("shard-tv", "imagefolder"),
             ratio("shard-nvjpeg", "shard-tv"), ratio("shard-nvjpeg", "ceiling-tv"),
-            ratio("imagefolder", "ceiling"), ratio("ceiling-tv", "ceiling")]
+            ratio("imagefolder", "ceiling"), ratio("ceiling-tv", "ceiling"),
+            ratio("shard-ra", "ceiling-ra", "0.9"), ratio("shard-ra", "shard"), ratio("ceiling-ra", "ceiling"),
+            ratio("shard+norm+re", "shard+norm")]
     print("\n## Ratios (per repeat, median [min-max]): wall-clock img/s, and images per CPU-second\n")
     print(table(["ratio", "wall", "met", "per CPU-second", "met", "target"], [r for r in rows if r is not None]))
     if a.json is not None:
         import json
 
-        a.json.write_text(json.dumps({"device": a.device, "workers": a.workers, "batch": a.batch,
+        a.json.write_text(json.dumps({"device": a.device, "workers": a.workers, "batch": a.batch, "policy": a.policy,
                                       "image_size": IMAGE_SIZE, "images_per_s": res, "images_per_cpu_s": cpu},
                                      indent=1))
     return 0

@@ -201,3 +201,70 @@ def test_grad_scaler_state_round_trips(tmp_path):
     restored = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=3)
     mgr.load(path, model=m2, optimizer=o2, scheduler=s2, rank=0, scaler=restored)
     assert restored.state_dict() == scaler.state_dict() and scaler.get_scale() != 1.0
+
+
+# ---- EMA of the weights ---------------------------------------------------------------------------
+
+def test_ema_is_saved_and_restored_bitwise(tmp_path, caplog):
+    """ema.safetensors holds the EMA as a full state dict; a resume restores it bitwise, an old
+    checkpoint without it starts the EMA from its weights (warning), and with EMA off it is ignored."""
+    from safetensors.torch import load_file
+
+    from tldist.train.ema import WeightEma
+
+    model, opt, sched = make()
+    ema = WeightEma(model, model, decay=0.9)
+    for step in range(1, 4):
+        train_steps(model, opt, sched, 1)
+        ema.update(step)
+    mgr = CheckpointManager(tmp_path, keep_last=5, is_main=True)
+    path = mgr.save(3, model=model, optimizer=opt, scheduler=sched, trainer_state={}, loader_state={},
+                    config_yaml="", ema=ema)
+    assert "ema.safetensors" in json.loads((path / "complete.json").read_text())["members"]
+    on_disk = load_file(str(path / "ema.safetensors"))
+    assert on_disk.keys() == model.state_dict().keys()  # loadable as a plain model
+    m2, o2, s2 = make(seed=1)
+    ema2 = WeightEma(m2, m2, decay=0.9)
+    mgr.load(path, model=m2, optimizer=o2, scheduler=s2, rank=0, ema=ema2)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(ema2.state_dict()[k], v), k
+    assert not torch.equal(ema2.state_dict()["0.weight"], m2.state_dict()["0.weight"])  # not just the weights
+    # one more step: both continue identically
+    torch.manual_seed(7)
+    train_steps(model, opt, sched, 1)
+    ema.update(4)
+    torch.manual_seed(7)
+    train_steps(m2, o2, s2, 1)
+    ema2.update(4)
+    assert all(torch.equal(ema2.state_dict()[k], v) for k, v in ema.state_dict().items())
+
+    old = save(mgr, 4, model, opt, sched)  # saved with EMA off
+    assert not (old / "ema.safetensors").exists()
+    m3, o3, s3 = make(seed=2)
+    ema3 = WeightEma(m3, m3, decay=0.9)
+    with caplog.at_level("WARNING", logger="tldist"):
+        mgr.load(old, model=m3, optimizer=o3, scheduler=s3, rank=0, ema=ema3)
+    assert "holds no EMA" in caplog.text
+    assert all(torch.equal(ema3.state_dict()[k], v.float() if v.is_floating_point() else v)
+               for k, v in model.state_dict().items())
+    m4, o4, s4 = make(seed=3)
+    mgr.load(path, model=m4, optimizer=o4, scheduler=s4, rank=0)  # EMA off: ema.safetensors is ignored
+    assert torch.equal(m4.state_dict()["0.weight"], load_file(str(path / "model.safetensors"))["0.weight"])
+
+
+def test_ema_of_another_model_is_one_line(tmp_path):
+    from tldist.train.ema import WeightEma
+
+    model, opt, sched = make()
+    mgr = CheckpointManager(tmp_path, keep_last=5, is_main=True)
+    path = mgr.save(1, model=model, optimizer=opt, scheduler=sched, trainer_state={}, loader_state={},
+                    config_yaml="", ema=WeightEma(model, model, decay=0.9))
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "ema.safetensors"))
+    sd["extra.weight"] = torch.zeros(1)
+    save_file(sd, str(path / "ema.safetensors"))
+    m2, o2, s2 = make(seed=1)
+    with pytest.raises(UserError, match="ema.safetensors") as e:
+        mgr.load(path, model=m2, optimizer=o2, scheduler=s2, rank=0, ema=WeightEma(m2, m2, decay=0.9))
+    assert "\n" not in str(e.value)

@@ -158,3 +158,50 @@ def test_mixed_precision_no_unquoted_means_full_precision():
 
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
+# The recipe presets (configs/recipe_*.yaml) say where their settings come from and hold those settings.
+def _configs_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
+_RECIPES = {
+    "recipe_deit_vit_finetune.yaml": lambda c: (
+        c.optim.name == "adamw" and 0.65 <= c.transfer.layer_decay <= 0.75 and c.model.drop_path_rate == 0.1
+        and c.data.auto_augment.startswith("rand-m9-mstd0.5-inc1") and c.train.mixup_alpha == 0.8
+        and c.train.cutmix_alpha == 1.0 and c.data.random_erasing == 0.25 and c.train.label_smoothing == 0.1
+        and c.transfer.strategy == "full"),
+    "recipe_torchvision_resnet.yaml": lambda c: (
+        c.data.auto_augment == "trivialaugment" and c.data.random_erasing > 0 and c.train.mixup_alpha == 0.2
+        and c.train.cutmix_alpha == 1.0 and c.train.label_smoothing == 0.1 and c.train.ema_decay > 0
+        and c.transfer.strategy == "full"),
+    "recipe_linear_probe_lars.yaml": lambda c: (
+        c.optim.name == "lars" and c.transfer.strategy == "linear_probe" and c.optim.weight_decay == 0
+        and not (c.data.auto_augment or c.train.mixup_alpha or c.train.cutmix_alpha or c.train.label_smoothing)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_RECIPES))
+def test_recipe_preset_names_its_source_and_holds_its_settings(name):
+    path = _configs_dir() / name
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    text = "\n".join(header)
+    assert "Source:" in text and "Taken" in text, f"{name}: the header must name its source and what it took"
+    cfg = load_config(path).validate()
+    assert _RECIPES[name](cfg), f"{name} no longer holds the settings of its recipe"
+
+
+def test_recipe_presets_are_all_listed():
+    assert sorted(p.name for p in _configs_dir().glob("recipe_*.yaml")) == sorted(_RECIPES)
+
+
+def test_vit_linear_probe_config_follows_the_lars_preset():
+    """configs/vit_b16_linear_probe.yaml is the LARS preset on another backbone: the recipe may not drift apart."""
+    lars = load_config(_configs_dir() / "recipe_linear_probe_lars.yaml").validate()
+    vit = load_config(_configs_dir() / "vit_b16_linear_probe.yaml").validate()
+    assert vit.optim == lars.optim and vit.transfer == lars.transfer
+    assert (vit.train.epochs, vit.train.label_smoothing, vit.train.mixup_alpha, vit.data.auto_augment) == \
+        (lars.train.epochs, lars.train.label_smoothing, lars.train.mixup_alpha, lars.data.auto_augment)
+    assert vit.data.train_crop_scale == lars.data.train_crop_scale

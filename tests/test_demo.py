@@ -1,4 +1,4 @@
-"""Embedded demo data: rendered letters (source) and scikit-learn digits (target)."""
+"""Embedded demo data: printed glyphs (source), scikit-learn digits (target), and the `tldist demo --quick` path."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tldist.data.demo import (DIGITS, LETTERS, digits_indices, digits_samples, letters_samples,
-                              write_demo_shards)
+from tldist.data.demo import DIGITS, digits_indices, digits_samples, glyphs_samples, write_demo_shards
 from tldist.data.manifest import load_manifest
 from tldist.errors import ConfigError
 
@@ -19,19 +18,32 @@ def pixels(sample) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(sample.data)))
 
 
-def test_letters_deterministic_balanced_and_varied():
-    classes, samples = letters_samples(3, seed=5)
-    assert classes == LETTERS and len(samples) == 78
-    a, b = list(samples), list(letters_samples(3, seed=5)[1])
+def test_glyphs_deterministic_balanced_and_varied():
+    classes, samples = glyphs_samples(3, seed=5)
+    assert classes == DIGITS and len(samples) == 30  # named like the target's classes
+    a, b = list(samples), list(glyphs_samples(3, seed=5)[1])
     assert [s.data for s in a] == [s.data for s in b]
-    assert [s.data for s in a] != [s.data for s in letters_samples(3, seed=6)[1]]
-    assert [s.data for s in a] != [s.data for s in letters_samples(3, seed=5, split="val")[1]]
-    assert Counter(s.label for s in a) == {i: 3 for i in range(26)}
+    assert [s.data for s in a] != [s.data for s in glyphs_samples(3, seed=6)[1]]
+    assert [s.data for s in a] != [s.data for s in glyphs_samples(3, seed=5, split="val")[1]]
+    assert Counter(s.label for s in a) == {i: 3 for i in range(10)}
     img = pixels(a[0])
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8
     assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()  # grayscale-looking
     assert img.std() > 10  # something was drawn
-    assert len({s.key for s in a}) == 78
+    assert len({s.key for s in a}) == 30
+    wide, more = glyphs_samples(1, chars="digits+letters")
+    assert wide[:10] == DIGITS and wide[10:] == [chr(ord("a") + i) for i in range(26)] and len(more) == 36
+    with pytest.raises(ConfigError, match="glyph chars 'greek'"):
+        glyphs_samples(1, chars="greek")
+
+
+def test_source_looks_like_the_target():
+    """Both domains go through the same 8x8 -> 32 px path: same value grid, similar ink and height."""
+    glyph = np.stack([pixels(s)[..., 0] for s in glyphs_samples(20)[1]]).astype(float)
+    digit = np.stack([pixels(s)[..., 0] for s in list(digits_samples("val")[1])[:200]]).astype(float)
+    assert abs(glyph.mean() - digit.mean()) < 0.35 * digit.mean()
+    assert glyph[:, 0].max() > 0 and digit[:, 0].max() > 0  # the character fills the height, as in optdigits
+    assert glyph[:, :, 0].mean() < 0.2 * glyph.mean() and digit[:, :, 0].mean() < 0.2 * digit.mean()  # centred
 
 
 def test_digits_split_label_fraction_and_styles():
@@ -57,8 +69,9 @@ def test_digits_split_label_fraction_and_styles():
 def test_write_demo_shards_and_reuse(tmp_path):
     out = write_demo_shards(tmp_path, source_per_class=4, source_val_per_class=1, label_fraction=0.5)
     assert set(out) == {"source/train", "source/val", "target/train", "target/val"}
-    assert out["source/train"].num_samples == 104 and len(out["source/train"].shards) == 8
-    assert out["source/val"].num_samples == 26 and len(out["source/val"].shards) == 2
+    assert out["source/train"].num_samples == 40 and len(out["source/train"].shards) == 8
+    assert out["source/val"].num_samples == 10 and len(out["source/val"].shards) == 2
+    assert out["source/train"].classes == DIGITS
     assert out["target/train"].classes == DIGITS and len(out["target/train"].shards) == 8
     assert abs(out["target/train"].num_samples - 629) <= 10
     assert load_manifest(tmp_path / "target" / "val").num_samples == len(digits_indices("val"))
@@ -106,3 +119,28 @@ def test_unlabelled_and_shifted_splits(tmp_path):
     for bad in ("sepia+blur", "blur+blur"):
         with pytest.raises(ConfigError, match="style"):
             write_demo_shards(tmp_path / "y", shifted_styles=[bad])
+
+
+def test_demo_quick_runs_every_stage(tmp_path):
+    """`tldist demo --quick` (the CI path): shards, 2-process pretraining, then a 2 x 2 x 1 study on the target."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "tldist.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = out / "study"
+    with open(study / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["arm"], r["labels_per_class"], r["seed"]) for r in rows} == {
+        (arm, k, "0") for arm in ("finetune", "scratch") for k in ("1", "all")}
+    assert all(0.0 <= float(r["top1"]) <= 100.0 for r in rows)
+    assert (study / "study.png").stat().st_size > 0
+    summary = (study / "summary.md").read_text()
+    assert "finetune" in summary and summary.strip() in proc.stdout  # the table is printed at the end
+    result = json.loads((out / "demo_results.json").read_text())
+    assert result["quick"] is True and len(result["rows"]) == 4 and result["source_top1"] is not None
+    assert load_manifest(out / "shards" / "source" / "train").classes == DIGITS

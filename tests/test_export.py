@@ -120,3 +120,61 @@ def test_old_model_json_keeps_its_recorded_resize():
         assert eval_resize_size(size, crop_pct) == build_eval_transform(size, crop_pct=crop_pct).resize_size == resize
     assert preprocess_crop_pct({"image_size": 224}) == 0.875
     assert math.isclose(preprocess_crop_pct({"image_size": 224, "crop_pct": 0.95}), 0.95)
+
+
+def _ema_checkpoint(root, best_metric: str):
+    """A real checkpoint (mobilenet_v3_small, 4 classes) whose EMA differs from its weights."""
+    from tldist.config import JobConfig, format_config
+    from tldist.models.factory import build_model
+    from tldist.train.checkpoint import CheckpointManager
+    from tldist.train.ema import WeightEma
+    from tldist.train.schedule import build_scheduler
+
+    cfg = JobConfig()
+    cfg.model.name, cfg.model.pretrained, cfg.data.image_size = "mobilenet_v3_small", False, 16
+    cfg.train.ema_decay, cfg.checkpoint.best_metric = 0.9, best_metric
+    model, info = build_model(cfg.model, 4, image_size=16)
+    ema = WeightEma(model, model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    ema.update(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mgr = CheckpointManager(root, keep_last=2, is_main=True)
+    return mgr.save(2, model=model, optimizer=opt, scheduler=build_scheduler(opt, warmup_steps=0, total_steps=2, min_ratio=0.0),
+                    trainer_state={"classes": ["c0", "c1", "c2", "c3"], "image_size": 16,
+                                   "model_kwargs": info.model_kwargs}, loader_state={},
+                    config_yaml=format_config(cfg), metric=50.0, ema=ema)
+
+
+@pytest.mark.parametrize("best_metric, flag, expected", [
+    ("eval_ema/top1", None, "ema"), ("eval/top1", None, "raw"), ("eval/top1", "ema", "ema"),
+    ("eval_ema/top1", "raw", "raw"),
+])
+def test_export_writes_the_chosen_weights_and_says_which(tmp_path, best_metric, flag, expected):
+    from safetensors.torch import load_file
+
+    from tldist.export import export_model, load_exported
+
+    ckpt = _ema_checkpoint(tmp_path / "run" / "checkpoints", best_metric)
+    out = export_model(tmp_path / "run", tmp_path / "export", weights=flag)  # the run dir: its best checkpoint
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["weights"] == expected
+    source = load_file(str(ckpt / ("ema.safetensors" if expected == "ema" else "model.safetensors")))
+    other = load_file(str(ckpt / ("model.safetensors" if expected == "ema" else "ema.safetensors")))
+    model, _ = load_exported(out)  # what predict and tldist eval of the export run
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in source.items())
+    assert not all(torch.equal(got[k], v) for k, v in other.items())
+
+
+def test_export_of_ema_weights_a_checkpoint_lacks_is_one_line(tmp_path, capsys):
+    from tldist.cli import main
+
+    ckpt = _ema_checkpoint(tmp_path / "run" / "checkpoints", "eval/top1")
+    (ckpt / "ema.safetensors").unlink()
+    assert main(["export", str(ckpt), str(tmp_path / "export"), "--weights", "ema"]) == 2
+    err = capsys.readouterr().err
+    assert "--weights ema" in err and "ema.safetensors" in err and err.strip().count("\n") == 0
+    assert main(["export", str(ckpt), str(tmp_path / "export")]) == 0  # default: the raw weights
+    assert json.loads((tmp_path / "export" / "model.json").read_text())["weights"] == "raw"

@@ -284,3 +284,28 @@ def test_recycled_batch_buffers_give_the_same_batches(data):
         bufs.append((b["_worker"], b["_buf"]))
     assert all(k >= 0 for _, k in bufs) and len(set(bufs)) < len(bufs)  # 8 batches per worker, fewer buffers
     ref.close(), recycled.close()
+
+
+def test_a_failing_transform_is_an_error_not_a_skipped_sample():
+    """Only undecodable bytes count as bad data: a transform that fails on a decoded image (a code
+    or library fault, like timm's Posterize with Pillow 13) must stop the run, not be skipped."""
+    import random
+
+    from tldist.data.stream import Record
+    from tldist.data.transforms import TrainTransform
+    from tldist.data.worker import SampleError, decode_record
+
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), (200, 10, 10)).save(buf, format="PNG")
+    rec = Record("k", "mem://x", {"png": buf.getvalue(), "cls": b"1"})
+    image, label = decode_record(rec, "pil", TrainTransform(8), random.Random(0), num_classes=2, label_map=None)
+    assert image.shape == (3, 8, 8) and label == 1
+
+    def broken(img, rng, out=None):
+        raise ValueError("bits must be > 0")
+
+    with pytest.raises(ValueError, match="bits"):
+        decode_record(rec, "pil", broken, random.Random(0), num_classes=2, label_map=None)
+    with pytest.raises(SampleError, match="cannot decode"):
+        decode_record(Record("k", "mem://x", {"png": b"\x89PNG garbage", "cls": b"1"}), "pil", TrainTransform(8),
+                      random.Random(0), num_classes=2, label_map=None)

@@ -172,3 +172,17 @@ def test_verify_decodes_as_training_does(tmp_path, capsys):
     assert "cut: .png does not decode (data.decode=torchvision" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="decoders"):
         verify_shards(tmp_path / "s", decoders=["opencv"])
+
+
+def test_cli_subset_writes_k_per_class_and_refuses_a_short_class(tmp_path, capsys):
+    from tldist.errors import UserError
+
+    write_set(tmp_path / "src")  # 9 samples, 3 per class
+    assert run(["shards", "subset", str(tmp_path / "src"), str(tmp_path / "k2"), "--labels-per-class", "2",
+                "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip() == f"train: {tmp_path / 'k2'}  1 shards  6 samples  3 classes"
+    assert verify_shards(tmp_path / "k2").label_counts == {0: 2, 1: 2, 2: 2}
+    with pytest.raises(UserError, match="labels per class 4 is more than class 'a' has \\(3 samples"):
+        run(["shards", "subset", str(tmp_path / "src"), str(tmp_path / "k4"), "-k", "4"])
+    with pytest.raises(ConfigError, match="--labels-per-class must be >= 1"):
+        run(["shards", "subset", str(tmp_path / "src"), str(tmp_path / "k0"), "-k", "0"])

@@ -403,3 +403,17 @@ def test_log_lines_do_not_break_the_progress_bar_in_a_terminal(tiny_shards, tmp_
     glued = [p for p in pieces if ("INFO" in p or "WARNING" in p) and ("step/s]" in p or "s/step]" in p)]
     assert not glued, glued[:3]
     assert sum(" INFO step " in p for p in pieces) >= 4  # every log line made it out
+
+
+def test_rerun_after_the_final_checkpoint_still_reports_the_final_eval(tiny_shards, tmp_path):
+    """Killed after its last checkpoint but before result.json: the rerun resumes at the last step,
+    runs no step, and must still report the (deterministic) final eval, not an empty result."""
+    out = tmp_path / "final"
+    args = tldist_cmd("train", "configs/test_tiny.yaml", *overrides(tiny_shards, out, "train.max_steps=4"))
+    run(args)
+    first = json.loads((out / "result.json").read_text())
+    (out / "result.json").unlink()
+    run(args)
+    again = json.loads((out / "result.json").read_text())
+    assert again["step"] == first["step"] == 4
+    assert again["eval/top1"] == first["eval/top1"] and again["eval/loss"] == first["eval/loss"]

@@ -96,6 +96,30 @@ def test_transforms_write_into_a_batch_row(decoder):
     assert torch.equal(batch[1], ev(img)) and torch.equal(batch[0], train(img, random.Random(0)))
 
 
+@pytest.mark.parametrize("decoder", ["pil", "torchvision"])
+def test_augment_runs_on_the_cropped_image_after_its_draws(decoder):
+    """``augment(pil, rng)`` gets the S x S crop (after flip), draws after the crop's draws, writes into ``out``."""
+    from PIL import ImageOps
+
+    seen = []
+
+    def invert_and_draw(pil, rng):
+        seen.append((pil.size, pil.mode, rng.random()))
+        return ImageOps.invert(pil)
+
+    img = decode_image(_encode(_gradient(50, 40), "PNG"), decoder)
+    plain = build_train_transform(20, (0.3, 1.0), True)
+    aug = build_train_transform(20, (0.3, 1.0), True, augment=invert_and_draw)
+    batch = torch.zeros(2, 3, 20, 20, dtype=torch.uint8)
+    for i in range(2):
+        out = aug(img, random.Random(i), out=batch[i])
+        assert out.data_ptr() == batch[i].data_ptr()
+        assert torch.equal(batch[i], 255 - plain(img, random.Random(i)))  # same crop + flip, then the augment
+        rng = random.Random(i)
+        plain.draw(50, 40, rng)
+        assert seen[-1] == ((20, 20), "RGB", rng.random())  # its draws follow the crop/flip draws
+
+
 def test_bad_settings_raise_config_error():
     with pytest.raises(ConfigError, match="lanczos2"):
         build_train_transform(16, (0.1, 1.0), True, "lanczos2")

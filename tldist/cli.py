@@ -22,6 +22,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0 if not result.get("stopped") else 3
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from tldist.config import load_config
+    from tldist.errors import ConfigError
+    from tldist.train.main import run
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.distill.teacher:
+        raise ConfigError("tldist distill needs a teacher: add distill.teacher=PATH (a tldist export, checkpoint "
+                          "or run dir) to the config or the overrides")
+    return 0 if not run(cfg).get("stopped") else 3
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tldist.config import load_config
     from tldist.evaluate import evaluate_checkpoint
@@ -55,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a torch profiler trace of steps 2-4 to OUTPUT_DIR/profile (= train.profile=true)")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("distill", help="train a student on shards with a fine-tuned teacher's soft targets "
+                       "(= train with distill.teacher=PATH)")
+    p.add_argument("config", help="YAML config of the student's training, e.g. configs/demo_target.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.teacher=runs/r50 distill.temperature=4")
+    p.set_defaults(func=_cmd_distill)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint on the config's val shards")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -76,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tldist.launch import add_parsers as add_launch_parsers
 
     add_launch_parsers(sub)
+    from tldist.study.cli import add_parser as add_study_parser
+
+    add_study_parser(sub)
     from tldist.adapt import cli as adapt_cli
 
     adapt_cli.add_parsers(sub)

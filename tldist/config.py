@@ -63,6 +63,17 @@ class DataConfig:
     """Stop the run when more than this fraction of samples read so far failed to decode."""
     pin_memory: bool = True
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
+    auto_augment: str = ""
+    """Augmentation policy run in the loader workers after crop + flip; empty = off. timm's strings:
+    ``rand-m9-mstd0.5-inc1`` (RandAugment), ``original``/``v0`` (AutoAugment, ImageNet / EfficientNet policy),
+    or ``trivialaugment`` (torchvision's TrivialAugmentWide); see :mod:`tldist.data.augment`. Not with
+    ``decode=nvjpeg``."""
+    color_jitter: float = 0.0
+    """Colour jitter factor in the loader workers (timm's scalar: brightness = contrast = saturation, no hue);
+    0 = off. Applied after ``auto_augment`` when both are set. Not with ``decode=nvjpeg``."""
+    random_erasing: float = 0.0
+    """Random erasing probability per image (timm's ``re_prob``, per-pixel noise mode), applied to the normalized
+    batch on the training device; 0 = off."""
 
 
 @dataclass
@@ -80,6 +91,13 @@ class ModelConfig:
     heads: str = "merged"
     """``merged``: one head over the train sets' class names merged by name; ``separate``: one head per
     ``data.train`` entry (multi-task; see :mod:`tldist.train.multitask`), ``data.val_sets[i]`` scored with head i."""
+    drop_path_rate: Optional[float] = None
+    """Stochastic depth (Huang et al. 2016), the deepest block's drop probability in [0, 1): timm's
+    ``drop_path_rate``; torchvision's ``stochastic_depth_prob`` (convnext, efficientnet, efficientnet_v2; swin and
+    maxvit, whose builders fix it, get their linear per-block schedule rescaled). Unset (null): the
+    architecture's own default (timm: 0; torchvision: e.g. 0.2 for efficientnet_b0, 0.1 for convnext_tiny).
+    Models without stochastic depth (torchvision's resnets, ViTs...) refuse a value > 0: use timm's version
+    (``timm:resnet50``, ``timm:vit_base_patch16_224``). Acts in training mode only (see :mod:`tldist.models.drop_path`)."""
 
 
 @dataclass
@@ -99,7 +117,10 @@ class TransferConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    """``sgd`` (Nesterov momentum) or ``adamw``."""
+    """``sgd`` (Nesterov momentum), ``adamw``, or for large global batches ``lamb`` (timm's ``Lamb``, You et al.
+    2019; uses ``betas``) or ``lars`` (timm's ``Lars``, You et al. 2017; uses ``momentum``). Both adapt the
+    step by the trust ratio only on weight-decayed groups (norms, biases: plain steps) and leave gradient
+    clipping to ``train.clip_grad_norm``."""
     lr: float = 0.1
     """Base LR for a global batch of ``lr_ref_batch`` images; scaled linearly with the real global batch."""
     lr_ref_batch: int = 256
@@ -107,9 +128,9 @@ class OptimConfig:
     weight_decay: float = 1e-4
     """Weight decay (never applied to norm layers and biases)."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD and LARS momentum."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
+    """AdamW and LAMB betas."""
     warmup_steps: int = 0
     """Linear warmup in optimizer steps (takes priority over ``warmup_epochs``)."""
     warmup_epochs: float = 0.0
@@ -131,7 +152,27 @@ class TrainConfig:
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     label_smoothing: float = 0.0
-    """Cross-entropy label smoothing."""
+    """Cross-entropy label smoothing (with Mixup/CutMix: folded into the mixed soft targets)."""
+    mixup_alpha: float = 0.0
+    """Mixup (Zhang et al. 2018) Beta(alpha, alpha) parameter, >= 0; 0 turns Mixup off. Mixup/CutMix run on
+    the device batch through timm's ``Mixup`` (batch mode) with a soft-target cross-entropy."""
+    cutmix_alpha: float = 0.0
+    """CutMix (Yun et al. 2019) Beta(alpha, alpha) parameter, >= 0; 0 turns CutMix off."""
+    mixup_prob: float = 1.0
+    """Probability in [0, 1] that a batch is mixed at all (timm's ``prob``)."""
+    mixup_switch_prob: float = 0.5
+    """Probability in [0, 1] of CutMix instead of Mixup when both alphas are > 0 (timm's ``switch_prob``)."""
+    ema_decay: float = 0.0
+    """Decay of an fp32 exponential moving average of the weights, updated after every optimizer step
+    (timm's ``ModelEmaV3``; see :mod:`tldist.train.ema`): 0 turns it off, else a value in (0, 1) such as
+    0.999 (averages over ~1/(1 - decay) steps). Evaluated next to the raw model as ``eval_ema/*`` and saved
+    in every checkpoint (``ema.safetensors``)."""
+    ema_warmup: bool = False
+    """Ramp the EMA decay up as ``min(ema_decay, 1 - (1 + step) ** -ema_warmup_power)`` (timm's ``use_warmup``),
+    so that the EMA forgets the first, still poor weights quickly."""
+    ema_warmup_power: float = 2 / 3
+    """Exponent of the EMA warm-up, > 0 (timm's ``warmup_power``: 2/3 for runs of a million steps or more,
+    3/4 for shorter ones)."""
     task_weights: list[float] = field(default_factory=list)
     """Loss weight per ``data.train`` entry with ``model.heads=separate``; empty means all 1."""
     eval_every_steps: int = 0
@@ -174,6 +215,10 @@ class CheckpointConfig:
     """Save every N optimizer steps (0: only at the end and at each epoch end)."""
     keep_last: int = 2
     """Periodic checkpoints to keep (the best is kept as well)."""
+    best_metric: str = "eval/top1"
+    """The eval metric (higher is better) that picks the best checkpoint: ``eval/top1`` (the raw weights) or
+    ``eval_ema/top1`` (the EMA weights; needs ``train.ema_decay`` > 0). ``tldist export`` exports the weights it
+    judged unless told otherwise (``--weights``)."""
     resume: str = "auto"
     """``auto`` (latest in ``output_dir/checkpoints`` if any), ``none``, or a checkpoint directory."""
 
@@ -195,6 +240,21 @@ class TrackerConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: Optional[str] = None
+    """Knowledge distillation (:mod:`tldist.train.distill`): the fine-tuned teacher, an export dir
+    (``model.json``), a checkpoint dir (``step_*``) or a run's output dir (its best checkpoint). Its
+    classes must be the training data's (by name, any order). Unset: plain training."""
+    alpha: float = 0.5
+    """Weight of the soft-target term, in [0, 1]: ``loss = alpha * T^2 * KL(p_teacher^T || p_student^T)
+    + (1 - alpha) * hard loss`` (Hinton et al. 2015). As DeiT's ``distillation_alpha``; note that torchdistill's
+    ``KDLoss`` and Keras' distiller put their ``alpha`` on the hard term instead."""
+    temperature: float = 4.0
+    """Softmax temperature T (> 0) of both teacher and student in the soft term; the T^2 factor keeps its
+    gradient scale independent of T (Hinton et al. 2015, section 2)."""
+
+
+@dataclass
 class JobConfig:
     output_dir: str = "runs/default"
     """Where checkpoints, logs and the resolved config go."""
@@ -207,6 +267,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> "JobConfig":
         """Check value ranges; raises :class:`ConfigError` naming the key."""
@@ -227,6 +288,9 @@ class JobConfig:
         if d.resampled and d.samples_per_epoch <= 0:
             _bad("data.samples_per_epoch", d.samples_per_epoch, "set a positive epoch size when data.resampled=true")
         _choice("data.decode", d.decode, ("pil", "torchvision", "nvjpeg"))
+        from tldist.data.augment import check_augment
+
+        check_augment(d)
         if not 0 <= d.max_skip_fraction < 1:
             _bad("data.max_skip_fraction", d.max_skip_fraction, "use a fraction in [0, 1)")
         _choice("model.heads", self.model.heads, ("merged", "separate"))
@@ -249,7 +313,7 @@ class JobConfig:
         _positive("transfer.last_n", self.transfer.last_n)
         if not 0 < self.transfer.layer_decay <= 1:
             _bad("transfer.layer_decay", self.transfer.layer_decay, "use a value in (0, 1]")
-        _choice("optim.name", o.name, ("sgd", "adamw"))
+        _choice("optim.name", o.name, ("sgd", "adamw", "lamb", "lars"))
         _positive("optim.lr", o.lr)
         _positive("optim.lr_ref_batch", o.lr_ref_batch)
         _at_least("optim.weight_decay", o.weight_decay, 0)
@@ -259,9 +323,40 @@ class JobConfig:
         _positive("train.log_every_steps", t.log_every_steps)
         if not 0 <= t.label_smoothing < 1:
             _bad("train.label_smoothing", t.label_smoothing, "use a value in [0, 1)")
+        _at_least("train.mixup_alpha", t.mixup_alpha, 0)
+        _at_least("train.cutmix_alpha", t.cutmix_alpha, 0)
+        for key, value in (("train.mixup_prob", t.mixup_prob), ("train.mixup_switch_prob", t.mixup_switch_prob)):
+            if not 0 <= value <= 1:
+                _bad(key, value, "use a probability in [0, 1]")
+        if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
+            if d.batch_size % 2:
+                _bad("data.batch_size", d.batch_size, "Mixup/CutMix mix each batch with its reverse and need an even "
+                     "batch: use an even data.batch_size or set train.mixup_alpha=0 train.cutmix_alpha=0")
+            if self.model.heads == "separate":
+                _bad("train.mixup_alpha" if t.mixup_alpha > 0 else "train.cutmix_alpha",
+                     max(t.mixup_alpha, t.cutmix_alpha), "Mixup/CutMix would mix images of different tasks: "
+                     "use model.heads=merged or turn them off (0)")
+        if self.model.drop_path_rate is not None and not 0 <= self.model.drop_path_rate < 1:
+            _bad("model.drop_path_rate", self.model.drop_path_rate, "use a probability in [0, 1), or null for "
+                 "the architecture's default")
+        if not 0 <= t.ema_decay < 1:
+            _bad("train.ema_decay", t.ema_decay, "use 0 (off) or a decay in (0, 1) such as 0.999")
+        _positive("train.ema_warmup_power", t.ema_warmup_power)
+        _choice("checkpoint.best_metric", self.checkpoint.best_metric, ("eval/top1", "eval_ema/top1"))
+        if self.checkpoint.best_metric.startswith("eval_ema/") and not t.ema_decay:
+            _bad("checkpoint.best_metric", self.checkpoint.best_metric, "needs train.ema_decay > 0 (e.g. 0.999), "
+                 "or use eval/top1")
         _at_least("checkpoint.keep_last", self.checkpoint.keep_last, 1)
         _choice("tracker.backend", self.tracker.backend, ("wandb", "none"))
         _choice("tracker.mode", self.tracker.mode, ("offline", "online", "disabled"))
+        if not 0 <= self.distill.alpha <= 1:
+            _bad("distill.alpha", self.distill.alpha, "use a weight in [0, 1] (1: soft targets only, 0: labels only)")
+        _positive("distill.temperature", self.distill.temperature)
+        if self.distill.teacher and not Path(self.distill.teacher).expanduser().exists():
+            _bad("distill.teacher", self.distill.teacher, "it does not exist; give a tldist export dir, a checkpoint "
+                 "dir (step_*) or a training run's output dir")
+        if self.distill.teacher and self.model.heads == "separate":
+            _bad("distill.teacher", self.distill.teacher, "distillation needs one head (model.heads=merged)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

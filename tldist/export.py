@@ -4,7 +4,7 @@ An export directory holds ``model.safetensors`` (plain state dict) and ``model.j
 
     {"model": "resnet50", "num_classes": 10, "classes": [...],
      "preprocess": {"image_size": 224, "resize": 232, "crop_pct": 0.9655..., "mean": [...], "std": [...],
-                    "interpolation": "bilinear"}, "source_checkpoint": "...", "tldist_version": "..."}
+                    "interpolation": "bilinear"}, "source_checkpoint": "...", "weights": "raw", "tldist_version": "..."}
 
 so that ``tldist predict`` (or any script with torchvision + safetensors) can rebuild the model and
 its preprocessing without the training config. ``preprocess`` is
@@ -12,7 +12,9 @@ its preprocessing without the training config. ``preprocess`` is
 / crop_pct)``, ``crop_pct`` and ``interpolation`` from the weights' metadata), center-crop ``image_size``:
 exactly what training's own eval did. ``model_kwargs`` are the constructor arguments to build the
 architecture with (e.g. ``{"transform_input": true}`` for a pretrained googlenet; see
-:attr:`tldist.models.factory.ModelInfo.model_kwargs`).
+:attr:`tldist.models.factory.ModelInfo.model_kwargs`). ``weights`` says which weights of the checkpoint
+``model.safetensors`` holds: ``raw`` (the trained weights) or ``ema`` (their moving average,
+``train.ema_decay``; see :func:`checkpoint_weights`).
 """
 
 from __future__ import annotations
@@ -48,9 +50,27 @@ def _checkpoint_dir(path: str | Path) -> Path:
     raise UserError(f"'{path}' is not a tldist checkpoint (no trainer.json), nor a run directory holding one")
 
 
-def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def checkpoint_weights(ckpt: Path, weights: Optional[str] = None) -> str:
+    """Which weights of checkpoint dir ``ckpt`` to use: ``raw`` (``model.safetensors``) or ``ema``
+    (``ema.safetensors``, saved with ``train.ema_decay`` > 0). ``weights`` None picks the ones the run
+    judged its best checkpoint on (``checkpoint.best_metric``: ``eval_ema/...`` -> ``ema``). Raises
+    :class:`UserError` for ``ema`` when the checkpoint holds no EMA, or an unknown choice."""
+    if weights not in (None, "raw", "ema"):
+        raise UserError(f"--weights '{weights}' is not a choice: use 'raw' (trained weights) or 'ema' (their EMA)")
+    if weights is None:
+        cfg = read_yaml(ckpt / "config.yaml", what="checkpoint config") or {}
+        best = str((cfg.get("checkpoint") or {}).get("best_metric") or "eval/top1")
+        weights = "ema" if best.startswith("eval_ema/") and (ckpt / "ema.safetensors").is_file() else "raw"
+    if weights == "ema" and not (ckpt / "ema.safetensors").is_file():
+        raise UserError(f"--weights ema: checkpoint '{ckpt}' holds no EMA of the weights (no ema.safetensors: trained "
+                        "with train.ema_decay=0); use --weights raw")
+    return weights
+
+
+def model_from_checkpoint(ckpt: Path, weights: Optional[str] = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained model of a checkpoint directory (``step_*``; CPU, eval mode) and the
-    ``model.json`` metadata an export of it carries (classes, preprocessing, task heads)."""
+    ``model.json`` metadata an export of it carries (classes, preprocessing, task heads, which
+    ``weights``: see :func:`checkpoint_weights` for ``weights``)."""
     import dataclasses
 
     from tldist import __version__
@@ -69,11 +89,17 @@ def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     model_cfg = dataclasses.replace(cfg.model, checkpoint=str(ckpt), pretrained=True)
     image_size = trainer.get("image_size") or cfg.data.image_size
     model, info = build_model(model_cfg, num_classes, image_size=image_size, require_head=True)
+    weights = checkpoint_weights(ckpt, weights)
+    if weights == "ema":  # same keys as model.safetensors, checked the same way
+        from tldist.models.checkpoint_io import load_checkpoint
+
+        load_checkpoint(model, info, ckpt / "ema.safetensors", require_head=True)
     image_size = image_size or info.input_size
     meta: dict[str, Any] = {
         "model": cfg.model.name, "num_classes": num_classes, "classes": classes,
         "preprocess": eval_preprocess(info, image_size),  # what training's eval used (one definition)
-        "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step"), "tldist_version": __version__,
+        "source_checkpoint": str(ckpt.resolve()), "step": trainer.get("step"), "weights": weights,
+        "tldist_version": __version__,
         "model_kwargs": info.model_kwargs,  # constructor arguments a rebuild needs (factory.ModelInfo.model_kwargs)
     }
     if trainer.get("tasks"):  # model.heads=separate: each task owns a slice of the outputs
@@ -122,9 +148,12 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
             "tasks": trainer.get("tasks"), "image_size": int(trainer.get("image_size") or 0)}
 
 
-def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write ``out_dir/model.safetensors`` + ``model.json`` from a training checkpoint (atomically)."""
-    model, meta = model_from_checkpoint(_checkpoint_dir(checkpoint))
+def export_model(checkpoint: str | Path, out_dir: str | Path, weights: Optional[str] = None) -> Path:
+    """Write ``out_dir/model.safetensors`` + ``model.json`` from a training checkpoint (atomically).
+
+    ``weights``: ``raw``, ``ema`` or None (the ones the best checkpoint was judged on; see
+    :func:`checkpoint_weights`); ``model.json`` records the choice as ``"weights"``."""
+    model, meta = model_from_checkpoint(_checkpoint_dir(checkpoint), weights)
     return write_export(model, meta, out_dir)
 
 
@@ -223,8 +252,9 @@ def predict(export_dir: str | Path, images: list[str], top_k: int = 3) -> list[d
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    out = export_model(args.checkpoint, args.out)
-    print(f"exported {out} (model.safetensors + model.json)")
+    out = export_model(args.checkpoint, args.out, args.weights)
+    weights = read_json(Path(out) / "model.json", what="export metadata").get("weights")
+    print(f"exported {out} (model.safetensors + model.json, {weights} weights)")
     return 0
 
 
@@ -240,6 +270,9 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("export", help="write a fine-tuned model as a standalone directory")
     p.add_argument("checkpoint", help="checkpoint dir (step_*) or run output dir (uses its best checkpoint)")
     p.add_argument("out", help="export directory to create")
+    p.add_argument("--weights", choices=("raw", "ema"), default=None,
+                   help="the trained weights or their EMA (train.ema_decay > 0); default: the ones "
+                        "checkpoint.best_metric judged (eval_ema/top1 -> ema)")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("predict", help="classify image files with an exported model")
     p.add_argument("model", help="export directory from 'tldist export'")

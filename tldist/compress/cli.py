@@ -20,10 +20,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     r = prune_export(args.model, args.out, val=args.val, sparsity=args.sparsity, structured=args.structured,
                      norm=args.norm, include_head=args.include_head, train=args.train,
                      finetune_steps=args.finetune_steps, lr=args.lr, batch_size=args.batch_size,
-                     num_workers=args.num_workers)
+                     num_workers=args.num_workers, round_to=args.round_to, distill=args.distill, alpha=args.alpha,
+                     temperature=args.temperature)
     if _main():
         after = f"  recovered {r['recovered']['top1']:.2f}%" if r["recovered"] else ""
-        print(f"{r['method']}: sparsity {r['sparsity']:.4f}  top-1 {r['baseline']['top1']:.2f}% -> "
+        amount = (f"params {r['params_before']} -> {r['params_after']}" if "params_after" in r
+                  else f"sparsity {r['sparsity']:.4f}")
+        print(f"{r['method']}: {amount}  top-1 {r['baseline']['top1']:.2f}% -> "
               f"{r['pruned']['top1']:.2f}%{after}  (delta {r['top1_delta']:+.2f})  -> {args.out}")
     return 0
 
@@ -68,9 +71,15 @@ def add_parsers(sub) -> None:
     q = cs.add_parser("prune", help="magnitude pruning (+ optional recovery fine-tune)")
     common(q)
     q.add_argument("--val", required=True, help="val shard set for the accuracy before/after")
-    q.add_argument("--sparsity", type=float, required=True, help="fraction of weights (or channels) to zero")
-    q.add_argument("--structured", action="store_true", help="zero whole conv output channels (Ln norm)")
-    q.add_argument("--norm", type=int, default=1, help="channel norm for --structured: 1 or 2")
+    q.add_argument("--sparsity", "--ratio", type=float, required=True,
+                   help="fraction of weights to zero, or with --structured of channels to remove")
+    q.add_argument("--structured", action="store_true",
+                   help="remove channels (torch-pruning dependency graph): a smaller, faster dense model")
+    q.add_argument("--norm", type=int, default=2, help="channel importance norm for --structured: 1 or 2")
+    q.add_argument("--round-to", type=int, default=8, help="--structured: keep channel counts multiples of this")
+    q.add_argument("--distill", action="store_true", help="recovery fine-tune learns from the unpruned model too")
+    q.add_argument("--alpha", type=float, default=0.5, help="--distill: weight of the soft (teacher) loss")
+    q.add_argument("--temperature", type=float, default=4.0, help="--distill: softmax temperature")
     q.add_argument("--include-head", action="store_true", help="also prune the classification head")
     q.add_argument("--train", help="train shard set for the recovery fine-tune")
     q.add_argument("--finetune-steps", type=int, default=0, help="recovery steps (0: none)")
@@ -82,7 +91,8 @@ def add_parsers(sub) -> None:
     common(q)
     q.add_argument("--val", required=True, help="val shard set for fp32 vs int8 accuracy")
     q.add_argument("--calib", help="shard set to calibrate activation ranges on (static)")
-    q.add_argument("--method", default="static", help="static (FX, x86, calibrated) or dynamic (Linear only)")
+    q.add_argument("--method", default="static",
+                   help="static (FX, x86, calibrated; CNNs) or dynamic (Linear layers only: ViTs, MLPs)")
     q.add_argument("--calib-batches", type=int, default=8)
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--latency-runs", type=int, default=20, help="timed forward passes per model and batch size")

@@ -6,9 +6,8 @@ Two methods over the model's conv/linear weights (the classification head is lef
 * **unstructured** -- :func:`torch.nn.utils.prune.global_unstructured` with L1 magnitude: the
   ``sparsity`` fraction of smallest-magnitude weights across *all* prunable layers is zeroed, so
   layers are pruned unevenly (redundant ones more).
-* **structured** -- :func:`torch.nn.utils.prune.ln_structured` on every conv's output channels
-  (``dim=0``, L1 or L2 norm): in each conv the ``sparsity`` fraction of channels with the smallest
-  norm is zeroed whole. Channels are zeroed, not removed: the tensors keep their shapes.
+* **structured** -- channels are *removed* (torch-pruning's dependency graph, see
+  :mod:`tldist.compress.structured`): a smaller dense model, faster and smaller on disk.
 
 The reported ``sparsity`` is always measured (zeros / total over the prunable weights), not the
 target. An optional recovery fine-tune (SGD on train shards, data-parallel, masks kept fixed) follows;
@@ -54,12 +53,6 @@ def apply_unstructured(layers: list[tuple[str, nn.Module]], sparsity: float) -> 
                               amount=float(sparsity))
 
 
-def apply_structured(layers: list[tuple[str, nn.Module]], sparsity: float, norm: int = 1) -> None:
-    """Zero the ``sparsity`` fraction of output channels with the smallest Ln norm in each conv."""
-    for _, m in layers:
-        prune.ln_structured(m, "weight", amount=float(sparsity), n=norm, dim=0)
-
-
 def make_permanent(layers: list[tuple[str, nn.Module]]) -> None:
     """Fold the masks into the weights (``prune.remove``): plain tensors, ordinary state dict keys."""
     for _, m in layers:
@@ -91,18 +84,26 @@ def sparsity_report(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> di
 
 def finetune(model: nn.Module, meta: dict[str, Any], train: str, *, steps: int, lr: float, batch_size: int,
              num_workers: int, device: torch.device | str = "cpu", hflip: bool = False,
-             world: World = World()) -> dict[str, Any]:
+             world: World = World(), teacher: Optional[nn.Module] = None, alpha: float = 0.5,
+             temperature: float = 4.0) -> dict[str, Any]:
     """Short recovery fine-tune, data-parallel over the job's ranks (call on every rank).
 
     SGD with Nesterov momentum and a cosine LR, BN in train mode. Each rank reads its own part of
     the train shards; gradients are averaged across ranks every step (one flat all-reduce), so the
     weights stay identical on all ranks (BN running statistics are rank 0's, see ``sync_state``).
     Pruned weights stay zero: the masks are still attached, the effective weight is
-    ``weight_orig * mask``. Returns the first and last losses on rank 0 (mean of 10 steps).
+    ``weight_orig * mask``. With a ``teacher`` (e.g. the unpruned model, same inputs and classes,
+    kept in eval mode) the loss is :func:`tldist.train.distill.distillation_loss` (Hinton et al. 2015:
+    ``alpha * T^2 * KL + (1 - alpha) * cross-entropy``, ``T = temperature``). Returns the first and
+    last losses on rank 0 (mean of 10 steps).
     """
     from tldist.compress import eval_inputs
     from tldist.config import DataConfig
     from tldist.data.pipeline import build_train_loader
+    from tldist.train.distill import distillation_loss
+
+    if teacher is not None:
+        teacher.eval()
 
     pre = meta["preprocess"]
     cfg = DataConfig(train=[train], batch_size=batch_size, num_workers=num_workers, shuffle_buffer=256, seed=0,
@@ -119,23 +120,29 @@ def finetune(model: nn.Module, meta: dict[str, Any], train: str, *, steps: int, 
     try:
         for step in range(steps):
             batch = next(loader)
-            logits = model(normalize(batch["image"].to(device)))
+            x = normalize(batch["image"].to(device))
+            logits = model(x)
             loss = F.cross_entropy(logits, batch["label"].to(device))
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss, _ = distillation_loss(logits, teacher_logits, loss, alpha=alpha, temperature=temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(params)
             opt.step()
             sched.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # no per-step host sync: read every 50 steps
             if (step + 1) % 50 == 0 or step + 1 == steps:
-                log(world, f"recovery step {step + 1}/{steps}  loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
+                log(world, f"recovery step {step + 1}/{steps}  loss {float(torch.stack(losses[-10:]).mean()):.4f}")
     finally:
         loader.close()
         model.eval()
-    head, tail = losses[:10], losses[-10:]
+    head, tail = [float(v) for v in losses[:10]], [float(v) for v in losses[-10:]]
     return {"steps": steps, "lr": lr, "batch_size": batch_size, "world_size": world.world_size,
             "ranks_agree": params_agree(params), "seconds": round(time.time() - t0, 1),
-            "first_loss": round(sum(head) / len(head), 5), "last_loss": round(sum(tail) / len(tail), 5)}
+            "first_loss": round(sum(head) / len(head), 5), "last_loss": round(sum(tail) / len(tail), 5),
+            "distilled": None if teacher is None else {"alpha": alpha, "temperature": temperature}}
 
 
 @torch.no_grad()
@@ -170,12 +177,20 @@ def average_gradients(params: list[nn.Parameter]) -> None:
 
 def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, structured: bool = False, norm: int = 1,
                  include_head: bool = False, train: Optional[str] = None, finetune_steps: int = 0, lr: float = 0.01,
-                 batch_size: int = 32, num_workers: int = 1, hflip: bool = False) -> dict[str, Any]:
+                 batch_size: int = 32, num_workers: int = 1, hflip: bool = False, round_to: int = 8,
+                 distill: bool = False, alpha: float = 0.5, temperature: float = 4.0) -> dict[str, Any]:
     """Prune an export directory into ``out`` (call on every rank); returns the report (also ``out/report.json``).
 
-    Accuracy on ``val`` is measured exactly across ranks before pruning, after pruning and (with
-    ``finetune_steps``) after recovery; the fine-tune is data-parallel over the ranks.
+    Unstructured: ``sparsity`` is the fraction of weights zeroed (shapes kept). ``structured``: the
+    fraction of channels *removed* per layer group with torch-pruning (:mod:`tldist.compress.structured`;
+    ``norm`` is the importance's Ln, ``round_to`` the channel multiple); the new shapes are recorded in
+    ``model.json``. Accuracy on ``val`` is measured exactly across ranks before pruning, after pruning
+    and (with ``finetune_steps``) after recovery; the fine-tune is data-parallel over the ranks, and
+    with ``distill`` it learns from the unpruned model's soft targets (``alpha``, ``temperature``).
     """
+    if structured and not 0.0 < sparsity < 1.0:
+        raise UserError(f"--sparsity has bad value {sparsity}: with --structured give the fraction of channels to "
+                        "remove, 0 < s < 1")
     if not 0.0 <= sparsity < 1.0:
         raise UserError(f"--sparsity has bad value {sparsity}: give the fraction of weights to zero, 0 <= s < 1")
     if norm not in (1, 2):
@@ -184,6 +199,13 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
         raise UserError(f"--finetune-steps has bad value {finetune_steps}: must be >= 0")
     if finetune_steps and not train:
         raise UserError("--finetune-steps needs --train SHARDS: the train shard set to fine-tune on")
+    if distill and not finetune_steps:
+        raise UserError("--distill needs --finetune-steps N > 0 and --train SHARDS: distillation happens in the "
+                        "recovery fine-tune")
+    if structured and include_head:
+        raise UserError("--include-head does not apply to --structured: removing head outputs would drop classes")
+    if not 0.0 <= alpha <= 1.0 or temperature <= 0:
+        raise UserError(f"--alpha {alpha} / --temperature {temperature}: need 0 <= alpha <= 1 and temperature > 0")
     from tldist.adapt import check_out_dir
 
     check_out_dir(out, {"the export directory": export_dir})
@@ -193,36 +215,56 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
         check_shards(train, meta, export_dir, "train", same_order=True)
     world, device = start_world()
     model.to(device)
-    layers = prunable_layers(model, head, include_head=include_head, convs_only=structured)
-    if not layers:
-        raise UserError(f"model '{meta['model']}' in '{export_dir}' has no {'conv' if structured else 'conv/linear'} "
-                        "layers to prune" + ("" if include_head else " outside its head (try --include-head)"))
+    teacher = None
+    if distill:
+        import copy
+
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    layers = [] if structured else prunable_layers(model, head, include_head=include_head)
+    if not structured and not layers:
+        raise UserError(f"model '{meta['model']}' in '{export_dir}' has no conv/linear layers to prune"
+                        + ("" if include_head else " outside its head (try --include-head)"))
 
     def ev(m: nn.Module) -> dict[str, Any]:
         return evaluate(m, meta, val, world, device=device, batch_size=2 * batch_size, num_workers=num_workers)
 
-    method = f"structured-l{norm}-channels" if structured else "global-unstructured-l1"
+    method = f"structured-l{norm}-channels-removed" if structured else "global-unstructured-l1"
     log(world, f"{meta['model']}: evaluating the unpruned model on {val}")
     baseline = ev(model)
     log(world, f"baseline top-1 {baseline['top1']:.2f}%  ({baseline['count']} samples)")
+    pruning = None
     if structured:
-        apply_structured(layers, sparsity, norm)
+        from tldist.compress.structured import apply_channel_pruning, describe
+
+        size = int(meta["preprocess"]["image_size"])
+        example = torch.randn(1, 3, size, size, device=device)
+        pruning = apply_channel_pruning(model, head, example, ratio=sparsity, norm=norm,
+                                        round_to=round_to, name=meta["model"])
+        stats = {k: v for k, v in pruning.items() if k != "modules"}
+        stats["param_ratio"] = round(pruning["params_after"] / pruning["params_before"], 4)
+        stats["modules_resized"] = len(pruning["modules"])
     else:
         apply_unstructured(layers, sparsity)
+        stats = sparsity_report(model, layers)
     sync_state(model)
-    stats = sparsity_report(model, layers)
     pruned = ev(model)
-    log(world, f"{method} target {sparsity:.2f}: measured sparsity {stats['sparsity']:.4f} of "
-               f"{stats['prunable_params']} weights; top-1 {pruned['top1']:.2f}%")
+    if structured:
+        log(world, f"{method} ratio {sparsity:.2f}: {describe(pruning)}; top-1 {pruned['top1']:.2f}%")
+    else:
+        log(world, f"{method} target {sparsity:.2f}: measured sparsity {stats['sparsity']:.4f} of "
+                   f"{stats['prunable_params']} weights; top-1 {pruned['top1']:.2f}%")
     recovered, tune = None, None
     if finetune_steps:
         tune = finetune(model, meta, train, steps=finetune_steps, lr=lr, batch_size=batch_size,
-                        num_workers=num_workers, device=device, hflip=hflip, world=world)
+                        num_workers=num_workers, device=device, hflip=hflip, world=world, teacher=teacher,
+                        alpha=alpha, temperature=temperature)
         sync_state(model)
         recovered = ev(model)
-        log(world, f"after {finetune_steps} recovery steps: top-1 {recovered['top1']:.2f}%")
-    make_permanent(layers)
-    stats = sparsity_report(model, layers)  # unchanged by recovery: masked weights stayed zero
+        log(world, f"after {finetune_steps} recovery steps{' (distilled)' if distill else ''}: "
+                   f"top-1 {recovered['top1']:.2f}%")
+    if not structured:
+        make_permanent(layers)
+        stats = sparsity_report(model, layers)  # unchanged by recovery: masked weights stayed zero
     final = recovered or pruned
     report: dict[str, Any] = {
         "command": "prune", "source": str(Path(export_dir).resolve()), "model": meta["model"], "val": val,
@@ -231,12 +273,16 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
         "top1_delta": round(final["top1"] - baseline["top1"], 4), "world_size": world.world_size,
     }
     if world.is_main:
-        new_meta = {**meta, "compression": {k: report[k] for k in ("method", "target_sparsity", "sparsity",
-                                                                     "include_head", "top1_delta")},
-                    "source_export": report["source"]}
+        keys = ("method", "target_sparsity", "include_head", "top1_delta") + (() if structured else ("sparsity",))
+        new_meta = {**meta, "compression": {k: report[k] for k in keys}, "source_export": report["source"]}
+        if structured:
+            from tldist.compress.structured import META_KEY, pruning_record
+
+            new_meta[META_KEY] = pruning_record(pruning, ratio=sparsity, norm=norm, round_to=round_to)
         write_export(model, new_meta, out, extra={REPORT_FILE: report})
         weights = Path(out) / "model.safetensors"
         report["size_mb"] = {"safetensors": file_mb(weights), "zlib": compressed_mb(weights),
+                             "source": file_mb(Path(export_dir) / "model.safetensors"),
                              "source_zlib": compressed_mb(Path(export_dir) / "model.safetensors")}
         from tldist.compress import write_json
 

@@ -1,14 +1,21 @@
 """``tldist compress quantize``: int8 post-training quantization, measured against the fp32 model.
 
 Two methods, both from ``torch.ao.quantization`` as shipped with torch 2.x (deprecated upstream in
-favour of torchao's PT2E flow, which needs the separate ``torchao`` package; torch's own copy of
-PT2E, ``torch.ao.quantization.quantize_pt2e``, is gone from torch 2.14):
+favour of torchao's PT2E flow; torch's own copy of PT2E, ``torch.ao.quantization.quantize_pt2e``, is
+gone from torch 2.14). torchao 0.18.0's PT2E flow was checked with torch 2.14.1 and is not used
+(``bench/int8_paths.py --part pt2e``, BENCHMARKS.md "Deployment"): ``X86InductorQuantizer`` fails on
+torchvision ResNets ("Input partition has more than one output node": torch 2.14's export no longer
+records ``source_fn_stack`` and a block's shared ``self.relu`` becomes one multi-output partition);
+with the partitions repaired it quantizes, but the converted program is slower than fp32 on this
+CPU both eager and under ``torch.compile``, and its ``.pt2`` file is larger than the fp32 weights.
+FX static int8 stays the default: it is the one path that is 3-4x faster and 4x smaller here.
 
 * **static** (default) -- FX graph mode, x86 backend (``get_default_qconfig_mapping("x86")``):
   conv/linear weights int8 per channel, activations uint8 with ranges observed on calibration
   batches from shards (eval transforms, no augmentation). Conv+BN(+ReLU) are fused first.
 * **dynamic** -- ``quantize_dynamic`` on the Linear layers only (weights int8, activations
-  quantized on the fly); convolutions stay fp32. No calibration data needed.
+  quantized on the fly); convolutions stay fp32. No calibration data needed. This is the method for
+  Linear-heavy models (ViT attention projections, MLPs and heads; see BENCHMARKS.md "Deployment").
 
 The int8 model is traced to TorchScript (``model_int8.pt``, with ``model.json`` embedded) because a
 quantized model cannot be stored as a safetensors state dict and rebuilt from the architecture

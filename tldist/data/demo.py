@@ -1,8 +1,9 @@
 """The embedded demo data: real transfer learning with no downloads.
 
-* Source domain (pretraining): procedurally rendered printed letters A-Z (Pillow's bundled
-  scalable font), randomly sized, placed, rotated, sheared, with varying stroke width,
-  gray levels and noise; 32x32 grayscale-looking RGB PNG, deterministic given a seed.
+* Source domain (pretraining): printed characters rendered from 22 of matplotlib's bundled fonts
+  with a random pen, affine and elastic distortions, then digitised the way the target was
+  (:mod:`tldist.data.glyphs`): digits 0-9 by default (named like the target's classes), or
+  digits plus lower-case letters; 32x32 grayscale-looking RGB PNG, deterministic given a seed.
 * Target domain: scikit-learn's ``load_digits()`` handwriting (8x8, shipped with the
   package) upscaled bilinearly to 32x32 RGB PNG, with a seeded stratified train/val split
   and an optional stratified ``label_fraction`` of the train labels (low-label transfer).
@@ -20,7 +21,6 @@ manifest already records the same parameters.
 
 from __future__ import annotations
 
-import math
 import zlib
 from functools import lru_cache
 from pathlib import Path
@@ -33,34 +33,13 @@ from tldist.data.sources import Sample, SampleSource, encode_image, stratified_s
 from tldist.data.writer import write_shards
 from tldist.errors import ConfigError, DataError
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 """Bump when the generated images change, so cached demo shards are rewritten."""
-LETTERS = [chr(ord("A") + i) for i in range(26)]
 DIGITS = [str(i) for i in range(10)]
 STYLES = ("invert", "color", "blur", "noise")
+CHAR_SETS = {"digits": tuple(DIGITS), "digits+letters": (*DIGITS, *(chr(ord("a") + i) for i in range(26)))}
 SIZE = 32
-_CANVAS = 64
-_FONT_SIZE = 40
-
-
-@lru_cache(maxsize=None)
-def _glyph(letter: str, stroke: int) -> "object":
-    """The letter drawn white on black, centred on a 64x64 canvas (cached; fonts are slow)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=_FONT_SIZE)
-    img = Image.new("L", (_CANVAS, _CANVAS), 0)
-    draw = ImageDraw.Draw(img)
-    x0, y0, x1, y1 = draw.textbbox((0, 0), letter, font=font, stroke_width=stroke)
-    pos = ((_CANVAS - (x1 - x0)) / 2 - x0, (_CANVAS - (y1 - y0)) / 2 - y0)
-    draw.text(pos, letter, fill=255, font=font, stroke_width=stroke, stroke_fill=255)
-    return img
-
-
-@lru_cache(maxsize=None)
-def _glyph_height(letter: str, stroke: int) -> int:
-    bbox = _glyph(letter, stroke).getbbox()
-    return max(1, bbox[3] - bbox[1]) if bbox else 1
+"""Side of every demo image (px)."""
 
 
 def _check_style(style: Optional[str]) -> list[str]:
@@ -104,46 +83,45 @@ def _png(rgb: np.ndarray) -> bytes:
     return encode_image(Image.fromarray(rgb, "RGB"), "png")
 
 
-def letters_samples(per_class: int, *, seed: int = 0, split: str = "train",
-                    style: Optional[str] = None) -> tuple[list[str], SampleSource]:
-    """``per_class`` rendered letters for each of A-Z; the ``seed``/``split`` pair fixes every pixel."""
+def upscale(counts: np.ndarray) -> np.ndarray:
+    """An 8x8 array of optdigits ink counts (0-16) as a SIZE x SIZE uint8 gray image (bilinear)."""
     from PIL import Image
 
+    small = Image.fromarray(np.clip(counts * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8), "L")
+    return np.asarray(small.resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+
+
+def glyph_classes(chars: str) -> list[str]:
+    """The class names of a glyph source: ``digits`` (0-9) or ``digits+letters`` (0-9 then a-z)."""
+    if chars not in CHAR_SETS:
+        raise ConfigError(f"glyph chars '{chars}' is unknown; use one of {', '.join(CHAR_SETS)}")
+    return list(CHAR_SETS[chars])
+
+
+def glyphs_samples(per_class: int, *, chars: str = "digits", seed: int = 0, split: str = "train",
+                   style: Optional[str] = None) -> tuple[list[str], SampleSource]:
+    """``per_class`` printed glyphs of each class of ``chars`` (:func:`glyph_classes`), rendered by
+    :func:`tldist.data.glyphs.render` from matplotlib's fonts in the look of the digits target, as
+    SIZE x SIZE RGB PNG; the ``seed``/``split`` pair fixes every pixel. Digit classes are named
+    ``"0"``-``"9"`` like the target's, so fine-tuning starts from their head rows."""
+    from tldist.data.glyphs import render
+
     if per_class < 1:
-        raise ConfigError(f"letters per class must be >= 1, got {per_class}")
+        raise ConfigError(f"glyphs per class must be >= 1, got {per_class}")
+    classes = glyph_classes(chars)
     _check_style(style)
-    n = per_class * len(LETTERS)
+    n = per_class * len(classes)
 
     def generate() -> Iterator[Sample]:
-        rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 1])
-        theta = np.radians(rng.uniform(-15, 15, n))
-        shear = rng.uniform(-0.3, 0.3, n)
-        height = rng.uniform(13, 26, n)
-        shift = rng.uniform(-4, 4, (n, 2))
-        stroke = rng.integers(0, 4, n)
-        lo = rng.uniform(0, 170, n)
-        hi = lo + rng.uniform(70, 255 - lo)
-        flip = rng.random(n) < 0.5
-        sigma = rng.uniform(0, 10, n)
+        rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 3])
         for i in range(n):
-            label = i % len(LETTERS)
-            glyph = _glyph(LETTERS[label], int(stroke[i]))
-            s = height[i] / _glyph_height(LETTERS[label], int(stroke[i]))
-            c, si = math.cos(theta[i]), math.sin(theta[i])
-            fwd = s * np.array([[c, -si], [si, c]]) @ np.array([[1.0, shear[i]], [0.0, 1.0]])
-            inv = np.linalg.inv(fwd)
-            centre = SIZE / 2 + shift[i]
-            off = _CANVAS / 2 - inv @ centre
-            mask = glyph.transform((SIZE, SIZE), Image.Transform.AFFINE,
-                                   (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1]),
-                                   resample=Image.Resampling.BILINEAR)
-            fg, bg = (lo[i], hi[i]) if flip[i] else (hi[i], lo[i])
-            gray = bg + (fg - bg) * (np.asarray(mask, dtype=np.float32) / 255.0)
-            gray = np.clip(gray + rng.normal(0, sigma[i], gray.shape) + 0.5, 0, 255).astype(np.uint8)
-            yield Sample(f"{i:06d}", _png(apply_style(gray, style, rng)), "png", label, f"letters[{i}]")
+            label = i % len(classes)
+            gray = upscale(render(classes[label], rng))
+            yield Sample(f"g{i:06d}", _png(apply_style(gray, style, rng)), "png", label, f"glyphs[{i}]")
 
-    info = {"type": "demo-letters", "per_class": per_class, "seed": seed, "split": split, "style": style}
-    return list(LETTERS), SampleSource(n, generate, info)
+    info = {"type": "demo-glyphs", "chars": chars, "per_class": per_class, "seed": seed, "split": split,
+            "style": style}
+    return classes, SampleSource(n, generate, info)
 
 
 @lru_cache(maxsize=1)
@@ -180,8 +158,6 @@ def digits_samples(split: str, *, seed: int = 0, val_fraction: float = 0.3, labe
 
     Every sample carries its true label, the ``unlabelled`` split's included (see the module docstring).
     """
-    from PIL import Image
-
     _check_style(style)
     idx = digits_indices(split, seed=seed, val_fraction=val_fraction, label_fraction=label_fraction)
     order = list(np.random.default_rng([seed, 7]).permutation(idx))
@@ -190,9 +166,8 @@ def digits_samples(split: str, *, seed: int = 0, val_fraction: float = 0.3, labe
         images, labels = _digits()
         rng = np.random.default_rng([seed, zlib.crc32(split.encode()), 2])
         for i in order:
-            small = Image.fromarray(np.clip(images[i] * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8), "L")
-            gray = np.asarray(small.resize((SIZE, SIZE), Image.Resampling.BILINEAR))
-            yield Sample(f"d{int(i):05d}", _png(apply_style(gray, style, rng)), "png", int(labels[i]), f"digits[{i}]")
+            yield Sample(f"d{int(i):05d}", _png(apply_style(upscale(images[i]), style, rng)), "png", int(labels[i]),
+                         f"digits[{i}]")
 
     info = {"type": "demo-digits", "split": split, "seed": seed, "val_fraction": val_fraction,
             "label_fraction": label_fraction, "style": style}
@@ -209,12 +184,15 @@ def _cached(out: Path, params: dict) -> Optional[Manifest]:
     return m
 
 
-def write_demo_shards(out_dir: str | Path, *, source_per_class: int = 200, source_val_per_class: int = 40,
-                      seed: int = 0, val_fraction: float = 0.3, label_fraction: float = 1.0,
-                      source_style: Optional[str] = None, target_style: Optional[str] = None,
+def write_demo_shards(out_dir: str | Path, *, source_per_class: int = 500, source_val_per_class: int = 50,
+                      source_chars: str = "digits", seed: int = 0, val_fraction: float = 0.3,
+                      label_fraction: float = 1.0, source_style: Optional[str] = None, target_style: Optional[str] = None,
                       train_shards: int = 8, val_shards: int = 2, force: bool = False, unlabelled: bool = False,
                       shifted_styles: Sequence[str] = ()) -> dict[str, Manifest]:
     """Write the demo shard sets under ``out_dir``: ``source/train``, ``source/val``, ``target/train``, ``target/val``.
+
+    The source sets hold ``source_per_class`` / ``source_val_per_class`` glyphs of each class of
+    ``source_chars`` (:func:`glyph_classes`); the target sets are :func:`digits_samples`.
 
     With ``unlabelled`` (needs ``label_fraction < 1``) also ``target/unlabelled``: the train digits
     that ``label_fraction`` dropped, true labels kept for measurement only (``meta.true_labels``).
@@ -233,8 +211,10 @@ def write_demo_shards(out_dir: str | Path, *, source_per_class: int = 200, sourc
         _check_style(style)
     out_dir = Path(out_dir)
     plans = {
-        "source/train": lambda: letters_samples(source_per_class, seed=seed, split="train", style=source_style),
-        "source/val": lambda: letters_samples(source_val_per_class, seed=seed, split="val", style=source_style),
+        "source/train": lambda: glyphs_samples(source_per_class, chars=source_chars, seed=seed, split="train",
+                                               style=source_style),
+        "source/val": lambda: glyphs_samples(source_val_per_class, chars=source_chars, seed=seed, split="val",
+                                             style=source_style),
         "target/train": lambda: digits_samples("train", seed=seed, val_fraction=val_fraction,
                                                label_fraction=label_fraction, style=target_style),
         "target/val": lambda: digits_samples("val", seed=seed, val_fraction=val_fraction, style=target_style),

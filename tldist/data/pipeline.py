@@ -23,15 +23,16 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 from tldist.config import DataConfig
+from tldist.data.augment import build_worker_augment, check_augment
 from tldist.data.manifest import Manifest, load_manifest, resolve_shard_urls
 from tldist.data.stream import SourceSpec
-from tldist.data.transforms import EVAL_CROP_PCT, build_eval_transform, build_train_transform
+from tldist.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, build_eval_transform, build_train_transform
 from tldist.data.worker import MIN_READ_FOR_FAULT_CHECK, EvalDataset, TrainDataset, skip_error
 from tldist.errors import ConfigError, DataError
 from tldist.world import World
@@ -278,10 +279,11 @@ def _check(cfg: DataConfig) -> None:
         raise ConfigError(f"config key 'data.num_workers' has bad value {cfg.num_workers}: must be >= 0")
     if cfg.decode not in ("pil", "torchvision", "nvjpeg"):
         raise ConfigError(f"config key 'data.decode' has bad value {cfg.decode!r}: choose pil, torchvision or nvjpeg")
+    check_augment(cfg)
 
 
 def build_train_loader(cfg: DataConfig, world: World, *, image_size: int, interpolation: str = "bilinear",
-                       prefetch_factor: int = 2, recycle_batches: bool = False,
+                       mean: Sequence[float] = IMAGENET_MEAN, prefetch_factor: int = 2, recycle_batches: bool = False,
                        raise_on_fault: bool = True) -> TrainLoader:
     """Infinite, exactly resumable training loader for this rank (see :class:`TrainLoader`).
 
@@ -291,6 +293,11 @@ def build_train_loader(cfg: DataConfig, world: World, *, image_size: int, interp
     ``clone()`` an image tensor to keep it longer). With ``raise_on_fault=False`` crossing
     ``data.max_skip_fraction`` sets :attr:`TrainLoader.fault` instead of raising, for callers
     that stop all ranks together (the training loop).
+
+    ``data.auto_augment`` / ``data.color_jitter`` run in the workers after crop + flip (``mean``, the
+    model's normalization mean in 0..1 units, is the policies' fill colour, as in timm);
+    ``data.random_erasing`` adds per-sample seeds to each batch (``_erase``) for
+    :func:`tldist.data.augment.erase_batch` on the device. Eval loaders never augment.
 
     Do not pass it to ``accelerator.prepare``. Raises :class:`DataError` for missing manifests
     or local shards and :class:`ConfigError` for inconsistent ``data.*`` settings.
@@ -317,11 +324,14 @@ def build_train_loader(cfg: DataConfig, world: World, *, image_size: int, interp
     weights = list(cfg.train_weights) or [float(s.num_samples) for s in sources]
     total = sum(weights)
     weights = [w / total for w in weights]
-    transform = build_train_transform(image_size, cfg.train_crop_scale, cfg.hflip, interpolation)
+    augment = build_worker_augment(cfg.auto_augment, cfg.color_jitter, image_size=image_size, mean=mean,
+                                   interpolation=interpolation)
+    transform = build_train_transform(image_size, cfg.train_crop_scale, cfg.hflip, interpolation, augment)
     dataset = TrainDataset(sources, weights=weights, num_classes=[m.num_classes for m in manifests], label_maps=maps,
                            rank=world.rank, world_size=world.world_size, num_workers=cfg.num_workers, seed=cfg.seed,
                            shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled, batch_size=cfg.batch_size,
-                           transform=transform, decoder=cfg.decode, max_skip_fraction=cfg.max_skip_fraction)
+                           transform=transform, decoder=cfg.decode, max_skip_fraction=cfg.max_skip_fraction,
+                           random_erasing=cfg.random_erasing)
     epoch_samples = cfg.samples_per_epoch or sum(s.num_samples for s in sources)
     return TrainLoader(dataset, world=world, num_workers=cfg.num_workers, epoch_samples=epoch_samples,
                        classes=classes, source_names=[str(t) for t in cfg.train], pin_memory=cfg.pin_memory,

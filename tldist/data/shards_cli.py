@@ -208,6 +208,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_subset(args: argparse.Namespace) -> int:
+    """``tldist shards subset``: a seeded, stratified k-labels-per-class subset as its own shard set."""
+    from tldist.data.subset import write_label_subset
+
+    if args.labels_per_class < 1:
+        raise ConfigError(f"--labels-per-class must be >= 1, got {args.labels_per_class}")
+    out = Path(args.out)
+    print(_summary(out, write_label_subset(args.source, out, args.labels_per_class, args.seed)))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """``tldist shards verify``: check a shard set against its manifest; exit 1 on any problem."""
     from tldist.data.verify import verify_shards
@@ -272,7 +283,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("shards", help="write or verify WebDataset shard sets",
                               description="Write WebDataset shard sets (OUT/<split>/<split>-000000.tar + manifest.json) "
                                           "or verify one.")
-    sub = p.add_subparsers(dest="shards_command", metavar="{imagefolder,csv,torchvision,demo,merge,verify}",
+    sub = p.add_subparsers(dest="shards_command", metavar="{imagefolder,csv,torchvision,demo,merge,subset,verify}",
                            required=True)
 
     q = sub.add_parser("imagefolder", help="shard ROOT/<class>/<image> (or ROOT/{train,val}/<class>/<image>)")
@@ -319,6 +330,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     q.add_argument("dirs", nargs="+", metavar="DIR", help="split directories, e.g. OUT/train OUT/val")
     q.set_defaults(func=cmd_merge)
 
+    q = sub.add_parser("subset", help="write a seeded, stratified subset of exactly K samples per class")
+    q.add_argument("source", metavar="SOURCE", help="shard directory, manifest.json path or URL")
+    q.add_argument("out", metavar="OUT", help="directory of the new shard set (reused when it holds this subset)")
+    q.add_argument("--labels-per-class", "-k", type=int, required=True, metavar="K",
+                   help="samples kept per class; refused when a class has fewer")
+    q.add_argument("--seed", type=int, default=0, help="the same seed picks the same samples (default 0)")
+    q.set_defaults(func=cmd_subset)
+
     q = sub.add_parser("verify", help="read every shard of a set and check it against its manifest")
     q.add_argument("location", metavar="LOCATION", help="shard directory, manifest.json path or URL")
     q.add_argument("--urls", default=None, help="brace pattern overriding the manifest's shard locations")
@@ -330,5 +349,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "imagefolder": cmd_imagefolder, "csv": cmd_csv, "torchvision": cmd_torchvision, "demo": cmd_demo,
-    "merge": cmd_merge, "verify": cmd_verify,
+    "merge": cmd_merge, "subset": cmd_subset, "verify": cmd_verify,
 }

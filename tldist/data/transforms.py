@@ -238,7 +238,7 @@ class TrainTransform:
     """Random resized crop to ``image_size`` (+ optional horizontal flip) -> uint8 [3,S,S]."""
 
     def __init__(self, image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True,
-                 interpolation: str = "bilinear"):
+                 interpolation: str = "bilinear", augment: Any = None):
         if image_size <= 0:
             raise ConfigError(f"image_size {image_size} must be > 0 (set data.image_size or use the model's default)")
         if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
@@ -247,12 +247,19 @@ class TrainTransform:
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.hflip = bool(hflip)
         self.interpolation = _check_interpolation(interpolation)
+        self.augment = augment
+        """``augment(pil_image, rng) -> pil_image`` after crop + flip (:class:`tldist.data.augment.WorkerAugment`)."""
 
     def __call__(self, img: DecodedImage, rng: Optional[random.Random] = None,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The augmented uint8 [3, S, S] image, written into ``out`` when given."""
         rng = rng if rng is not None else random.Random()
-        return self.apply(img, self.draw(*image_size_of(img), rng), out)
+        params = self.draw(*image_size_of(img), rng)
+        if self.augment is None:
+            return self.apply(img, params, out)
+        # policy/jitter on the cropped image, its seed drawn from rng after the crop and flip
+        crop = self.apply(img, params, None if isinstance(img, Image.Image) else out, pil=True)
+        return pil_to_tensor(self.augment(crop, rng), out)
 
     def draw(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int, bool]:
         """``(top, left, h, w, flip)`` for a ``width`` x ``height`` px image: all of this transform's draws from
@@ -260,9 +267,11 @@ class TrainTransform:
         top, left, h, w = random_resized_crop_params(width, height, self.crop_scale, rng)
         return top, left, h, w, self.hflip and rng.random() < 0.5
 
-    def apply(self, img: DecodedImage, params: Sequence, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def apply(self, img: DecodedImage, params: Sequence, out: Optional[torch.Tensor] = None,
+              pil: bool = False) -> Any:
         """``img`` cropped to ``params`` (from :meth:`draw`), resized to S x S and maybe flipped: uint8
-        [3, S, S] on ``img``'s device, written into ``out`` when given."""
+        [3, S, S] on ``img``'s device, written into ``out`` when given; with ``pil`` an RGB PIL image
+        (a tensor result, in ``out`` if given, is wrapped without another copy of its pixels)."""
         top, left, h, w, flip = (int(v) for v in params)
         size = self.image_size
         if isinstance(img, Image.Image):
@@ -270,16 +279,17 @@ class TrainTransform:
             crop = img.resize((size, size), _pil_resample(self.interpolation), box=(left, top, left + w, top + h))
             if flip:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            return pil_to_tensor(crop, out)
+            return crop if pil else pil_to_tensor(crop, out)
         from torchvision.transforms.v2 import functional as F
 
         crop = F.resized_crop(img, top, left, h, w, [size, size], interpolation=_tv_mode(self.interpolation),
                               antialias=True)
-        return _into(crop.flip(-1) if flip else crop, out)
+        crop = _into(crop.flip(-1) if flip else crop, out)
+        return Image.fromarray(crop.permute(1, 2, 0).cpu().numpy(), "RGB") if pil else crop
 
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.image_size}, scale={self.crop_scale}, hflip={self.hflip}, "
-                f"interpolation={self.interpolation})")
+                f"interpolation={self.interpolation}, augment={self.augment})")
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,9 +365,10 @@ class EvalTransform:
 
 
 def build_train_transform(image_size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True,
-                          interpolation: str = "bilinear") -> TrainTransform:
-    """Training augmentation: ``t(decoded_image, rng=None) -> uint8 [3, image_size, image_size]``."""
-    return TrainTransform(image_size, crop_scale, hflip, interpolation)
+                          interpolation: str = "bilinear", augment: Any = None) -> TrainTransform:
+    """Training augmentation: ``t(decoded_image, rng=None) -> uint8 [3, image_size, image_size]``; ``augment``
+    (:func:`tldist.data.augment.build_worker_augment`) runs on the cropped, flipped image."""
+    return TrainTransform(image_size, crop_scale, hflip, interpolation, augment)
 
 
 def build_eval_transform(image_size: int, interpolation: str = "bilinear",

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tldist.data.augment import erase_fields
 from tldist.data.device_decode import JpegRows, worker_decoder
 from tldist.data.manifest import IMAGE_EXTS
 from tldist.data.stream import (Record, SlotStream, SourceSpec, Throttle, mixed_records, range_segments,
@@ -42,7 +43,8 @@ def decode_record(rec: Record, decoder: str, transform, rng: Optional[random.Ran
                   defer: Optional[Callable[[bytes, Optional[random.Random]], bool]] = None) -> tuple[torch.Tensor, int]:
     """Raw record -> (uint8 [3,H,W] image, label), the image written into ``out`` when given.
     ``defer(bytes, rng)`` may take the image instead (``JpegRows.add``: left for the trainer's device;
-    ``out`` is then untouched). Raises :class:`SampleError` with the reason."""
+    ``out`` is then untouched). Raises :class:`SampleError` with the reason when the record is unusable
+    (unreadable, no label, bytes that do not decode); an error of the transform itself propagates."""
     if not rec.ok:
         raise SampleError(rec.error or "unreadable")  # "the shard cannot be read (...)"
     raw_label = rec.fields.get("cls")
@@ -57,11 +59,15 @@ def decode_record(rec: Record, decoder: str, transform, rng: Optional[random.Ran
     ext = next((e for e in IMAGE_EXTS if e in rec.fields), None)
     if ext is None:
         raise SampleError(f"no image member (looked for {', '.join(IMAGE_EXTS)}; found {sorted(rec.fields)})")
+    data = rec.fields[ext]
     try:
-        data = rec.fields[ext]
-        image = out if defer is not None and defer(data, rng) else transform(decode_image(data, decoder), rng, out=out)
+        deferred = defer is not None and defer(data, rng)
+        decoded = None if deferred else decode_image(data, decoder)
     except Exception as e:  # PIL/torchvision raise many types for corrupt bytes
         raise SampleError(f"cannot decode .{ext} ({type(e).__name__}: {e})") from None
+    # Only decoding is judged as bad data: a crop or augmentation that fails on a decoded image
+    # is a fault of the code (or of a library), so it stops the run instead of being skipped.
+    image = out if deferred else transform(decoded, rng, out=out)
     return image, (label_map[label] if label_map is not None else label)
 
 
@@ -124,13 +130,15 @@ class TrainDataset(IterableDataset):
     def __init__(self, sources: Sequence[SourceSpec], *, weights: Sequence[float], num_classes: Sequence[int],
                  label_maps: Sequence[Optional[Sequence[int]]], rank: int, world_size: int, num_workers: int,
                  seed: int, shuffle_buffer: int, resampled: bool, batch_size: int, transform, decoder: str,
-                 max_skip_fraction: float):
+                 max_skip_fraction: float, random_erasing: float = 0.0):
         self.sources, self.weights = list(sources), list(weights)
         self.num_classes, self.label_maps = list(num_classes), list(label_maps)
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.seed, self.shuffle_buffer, self.resampled = seed, shuffle_buffer, resampled
         self.batch_size, self.transform, self.decoder = batch_size, transform, decoder
         self.max_skip_fraction = max_skip_fraction
+        self.random_erasing = random_erasing
+        """Erasing probability (``data.random_erasing``): > 0 adds per-sample seeds (``_erase``) to each batch."""
         self.num_slots = world_size * self.workers
         self.free: Optional[torch.Tensor] = None
         """uint8 [workers, K] buffer flags in shared memory (see :class:`BatchPool`); None: no reuse."""
@@ -170,6 +178,7 @@ class TrainDataset(IterableDataset):
         labels: list[int] = []
         keys: list[str] = []
         srcs: list[int] = []
+        erase: list[int] = []  # per-sample random-erasing seeds (tldist.data.augment.erase_batch)
         # -- raw records in block-shuffled order, the source picked per draw for mixtures
         for s, pos, rec in mixed_records(self.streams(slot), self.weights, self.seed, slot, positions, mix):
             positions[s], mix, read, since_batch = pos + 1, mix + 1, read + 1, since_batch + 1
@@ -190,14 +199,17 @@ class TrainDataset(IterableDataset):
             labels.append(label)
             keys.append(rec.key)
             srcs.append(s)
+            if self.random_erasing > 0:  # drawn after the crop/flip/policy draws of the sample
+                erase.append(rng.getrandbits(63))
             # -- a full batch: uint8 images (already in place), metadata for exact resume
             if filled == bs:
                 yield {"image": images, "label": torch.tensor(labels, dtype=torch.int64),
                        "key": keys, "source": torch.tensor(srcs, dtype=torch.int64),
                        "_worker": w, "_buf": buf, "_pos": self.pos_value(positions, mix), "_read": read,
-                       "_skipped": skipped, **(jpeg.take() if jpeg is not None else {})}
+                       "_skipped": skipped, **(jpeg.take() if jpeg is not None else {}),
+                       **erase_fields(self.random_erasing, erase)}
                 (images, buf), filled = pool.take(), 0
-                labels, keys, srcs, since_batch = [], [], [], 0
+                labels, keys, srcs, erase, since_batch = [], [], [], [], 0
 
 
 class EvalDataset(IterableDataset):

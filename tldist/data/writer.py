@@ -111,14 +111,15 @@ def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, ch
                 if not max_side or max(im.size) <= max_side:
                     return s.data, s.ext
         img = open_image(s.data)
-        if max_side > 0 and max(img.size) > max_side:
-            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-        fmt = reencode or (s.ext if s.ext in ("jpg", "png", "webp") else "png")
-        return encode_image(img, fmt, quality), normalize_ext(fmt)
     except (ConfigError, DataError):
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise _Skip(f"cannot decode: {type(e).__name__}: {e}") from None
+    # resizing and encoding a decoded image cannot fail on bad bytes: an error here is not skipped
+    if max_side > 0 and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    fmt = reencode or (s.ext if s.ext in ("jpg", "png", "webp") else "png")
+    return encode_image(img, fmt, quality), normalize_ext(fmt)
 
 
 def check_key(key: Any, origin: str, seen: set[str]) -> None:

@@ -315,6 +315,17 @@ def submit_sweep(config: str, overrides: list[str], res: Resources, *, folder: O
     return jobs
 
 
+def submit_configs(cfgs: list, res: Resources, *, root: str | Path, name: str) -> list:
+    """Submit already validated configs (each its own ``output_dir``) as one job array of
+    :class:`~tldist.launch.job.TrainJob`; returns the submitit jobs (``tldist study`` uses it)."""
+    from tldist.launch.job import TrainJob
+
+    res.check()
+    executor = make_executor(job_folder(Path(root), res.cluster), res, name)
+    with _submission_errors(res), executor.batch():
+        return [executor.submit(TrainJob(cfg.to_dict(), max_requeues=res.max_requeues)) for cfg in cfgs]
+
+
 # ---------------------------------------------------------------------------------------- status / cancel
 def _slurm(*args: str) -> str:
     try:

@@ -53,6 +53,13 @@ def load_checkpoint(model: nn.Module, info: ModelInfo, path: str | os.PathLike, 
 
 def _load_state(model: nn.Module, info: ModelInfo, state: dict[str, torch.Tensor], src: Path, *,
                 require_head: bool) -> None:
+    if src.name == "model.safetensors" and (src.parent / "model.json").is_file():
+        # a structurally pruned export (tldist compress prune --structured): resize the fresh model first
+        from tldist.compress.structured import apply_pruned_shapes, recorded_shapes
+
+        pruned = recorded_shapes(src.parent / "model.json")
+        if pruned:
+            apply_pruned_shapes(model, pruned, state, f"model.checkpoint '{src.parent}'")
     own = model.state_dict()
     pos = "encoder.pos_embedding"
     if pos in state and pos in own and state[pos].shape != own[pos].shape and hasattr(model, "patch_size"):

@@ -30,6 +30,7 @@ from torch import nn
 
 from tldist.config import ModelConfig
 from tldist.errors import ConfigError, UserError
+from tldist.models import drop_path
 from tldist.safeload import load_pickle_free
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,12 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int, arch
     aux = cfg.name in _AUX_HEAD_MODELS  # built without auxiliary heads
     load = cfg.pretrained and not cfg.checkpoint
     kwargs = _tv_arch_kwargs(cfg.name, weights, pretrained=bool(arch)) if isinstance(arch, bool) else dict(arch)
+    sd = drop_path.torchvision_drop_path_kwargs(cfg.name, cfg.drop_path_rate)  # train-mode only: not recorded
     if load:
         # torchvision's builder would torch.load the cached file with weights_only=False: build the
         # architecture it would build and load the file pickle-free instead.
         cache = _ensure_cached(cfg.name, weights)
-        build = {**_tv_weights_kwargs(cfg.name, weights), **kwargs, "num_classes": len(weights.meta["categories"])}
+        build = {**_tv_weights_kwargs(cfg.name, weights), **kwargs, **sd, "num_classes": len(weights.meta["categories"])}
         model = _tv_get_model(cfg.name, build, where)
         _load_hub_weights(model, cfg.name, cache)
         if is_vit and size != native:
@@ -165,7 +167,8 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int, arch
         build = {"image_size": size} if is_vit else {}
         # init_weights: torchvision's (slow) truncated-normal init, pointless when a checkpoint overwrites it
         build.update({"aux_logits": False, "init_weights": not cfg.checkpoint} if aux else {})
-        model = _tv_get_model(cfg.name, {**build, **kwargs}, where)
+        model = _tv_get_model(cfg.name, {**build, **kwargs, **sd}, where)
+    drop_path.apply_drop_path_rate(model, cfg.name, cfg.drop_path_rate)
     head = _torchvision_head(model)
     _replace_head(model, head, num_classes)
     resize = _first(getattr(t, "resize_size", None) or native)
@@ -366,8 +369,10 @@ def _build_timm(cfg: ModelConfig, num_classes: int, image_size: int, arch: dict[
     load = cfg.pretrained and not cfg.checkpoint
     kwargs = _timm_arch_kwargs(name, pretrained=bool(arch)) if isinstance(arch, bool) else dict(arch)
     try:
-        model = timm.create_model(name, pretrained=load, **size_kw, **kwargs)
+        model = timm.create_model(name, pretrained=load, **size_kw,
+                                  **{**kwargs, **drop_path.timm_drop_path_kwargs(cfg.drop_path_rate)})
     except Exception as e:
+        drop_path.refuse_timm_drop_path(cfg.name, cfg.drop_path_rate, e)
         if not load:
             if kwargs and isinstance(e, TypeError):
                 raise UserError(f"{where}: model '{cfg.name}' cannot be built with the constructor arguments "

@@ -37,12 +37,16 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
 
 
 def build_param_groups(
-    model: nn.Module, info: ModelInfo, *, weight_decay: float, layer_decay: float = 1.0, head_lr_mult: float = 1.0
+    model: nn.Module, info: ModelInfo, *, weight_decay: float, layer_decay: float = 1.0, head_lr_mult: float = 1.0,
+    split_no_decay: bool = False,
 ) -> list[dict[str, Any]]:
     """Groups of trainable parameters with ``params``, ``weight_decay``, ``lr_scale`` and ``name``.
 
     Parameters sharing (weight_decay, lr_scale) are merged into one group; groups come in
-    stem-to-head order so every rank builds the same list.
+    stem-to-head order so every rank builds the same list. ``split_no_decay`` keeps norms and
+    biases (``.../no_decay``) apart from the other weights (``.../decay``) even when
+    ``weight_decay`` is 0, for optimizers that treat the two kinds differently (LARS/LAMB's
+    trust ratio, see :func:`tldist.train.main.build_optimizer`).
     """
     n = len(info.stages)
     stage_of = param_stages(model, info)
@@ -54,14 +58,16 @@ def build_param_groups(
         stage = stage_of[name]
         wd = 0.0 if name in skip else float(weight_decay)
         scale = float(head_lr_mult) if stage == n else float(layer_decay) ** (n - stage)
-        group = groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr_scale": scale, "stages": []})
+        kind = name not in skip if split_no_decay else bool(wd)
+        group = groups.setdefault((kind, wd, scale), {"params": [], "weight_decay": wd, "lr_scale": scale,
+                                                      "stages": []})
         group["params"].append(p)
         if stage not in group["stages"]:
             group["stages"].append(stage)
     out = []
-    for (wd, scale), g in groups.items():
+    for (kind, _, _), g in groups.items():
         stages = g.pop("stages")
-        out.append({"name": f"{_span(stages, n)}/{'decay' if wd else 'no_decay'}", **g})
+        out.append({"name": f"{_span(stages, n)}/{'decay' if kind else 'no_decay'}", **g})
     return out
 
 

@@ -3,6 +3,8 @@
 Layout of ``<output_dir>/checkpoints/step_00000120/``:
 
 - ``model.safetensors``  full (unsharded) model state dict, loadable without tldist;
+- ``ema.safetensors``    with ``train.ema_decay`` > 0: the EMA of the weights, a full state dict with the
+                         same keys (:mod:`tldist.train.ema`);
 - ``optimizer.pt``       full optimizer state keyed by parameter name;
 - ``state.pt``           scheduler and GradScaler state, per-rank loader positions and RNG states;
 - ``trainer.json``       step, epoch, best metric, tracker run id, world size (human-readable);
@@ -182,13 +184,15 @@ class CheckpointManager:
     # ---- save -----------------------------------------------------------------------------
     def save(self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scheduler: Any, trainer_state: dict[str, Any], loader_state: dict[str, Any],
-             config_yaml: str, metric: Optional[float] = None, scaler: Any = None) -> Path:
+             config_yaml: str, metric: Optional[float] = None, scaler: Any = None, ema: Any = None) -> Path:
         """Write checkpoint ``step`` atomically (call on every rank; rank 0 writes).
 
         ``scaler`` is the fp16 ``torch.amp.GradScaler`` (or None): its loss scale and growth
-        tracker are saved so that a resumed fp16 run continues with the same scale.
+        tracker are saved so that a resumed fp16 run continues with the same scale. ``ema`` is the
+        :class:`~tldist.train.ema.WeightEma` (or None), gathered like the model into ``ema.safetensors``.
         """
         model_sd = get_model_state_dict(model, options=_FULL)
+        ema_sd = ema.full_state_dict() if ema is not None else None
         optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
         loaders = gather_objects(loader_state)
         rngs = gather_objects(rng_state())
@@ -202,13 +206,17 @@ class CheckpointManager:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in model_sd.items()}, str(tmp / "model.safetensors"))
+            members = MEMBERS
+            if ema_sd is not None:
+                save_file({k: v.contiguous() for k, v in ema_sd.items()}, str(tmp / "ema.safetensors"))
+                members = (*MEMBERS, "ema.safetensors")
             torch.save(optim_sd, tmp / "optimizer.pt")
             torch.save({"scheduler": scheduler.state_dict(), "loaders": loaders, "rng": rngs,
                         "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
             _fsync_dir(tmp)
-            (tmp / MARKER).write_text(json.dumps({"members": {m: (tmp / m).stat().st_size for m in MEMBERS}}))
+            (tmp / MARKER).write_text(json.dumps({"members": {m: (tmp / m).stat().st_size for m in members}}))
             _fsync_dir(tmp, only=MARKER)
             if final.exists():  # re-saving the same step (e.g. end of run right after a periodic save)
                 self._remove(final)
@@ -246,8 +254,12 @@ class CheckpointManager:
 
     # ---- load -----------------------------------------------------------------------------
     def load(self, path: Path, *, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
-             scheduler: Any, rank: int, scaler: Any = None) -> dict[str, Any]:
-        """Restore model/optimizer/scheduler/GradScaler/RNG from ``path`` (call on every rank).
+             scheduler: Any, rank: int, scaler: Any = None, ema: Any = None) -> dict[str, Any]:
+        """Restore model/optimizer/scheduler/GradScaler/RNG (and the EMA of the weights, when ``ema``
+        is given) from ``path`` (call on every rank).
+
+        A checkpoint without ``ema.safetensors`` (saved with EMA off) starts the EMA from its weights,
+        with a warning; with ``ema`` None an ``ema.safetensors`` is ignored.
 
         Every member is read without arbitrary unpickling; a crafted or corrupt member raises a
         one-line :class:`UserError` naming it before anything is restored from it.
@@ -269,6 +281,8 @@ class CheckpointManager:
             raise UserError(f"checkpoint member '{path / 'state.pt'}' is not a tldist state file "
                             "(expected scheduler, loaders and rng entries)")
         set_model_state_dict(model, weights, options=_FULL)
+        if ema is not None:
+            self._load_ema(path, ema)
         if optimizer is not None:
             set_optimizer_state_dict(model, optimizer, optim_sd, options=_FULL)
         if scheduler is not None:
@@ -280,6 +294,29 @@ class CheckpointManager:
                             f"more. Resume with the same number of processes ({trainer.get('world_size')}).")
         set_rng_state(state["rng"][rank])
         return {"trainer": trainer, "loader": state["loaders"][rank]}
+
+
+    @staticmethod
+    def _load_ema(path: Path, ema: Any) -> None:
+        """Restore the EMA of checkpoint ``path``, or start it from the loaded weights (call on every rank)."""
+        from safetensors.torch import load_file
+
+        f = path / "ema.safetensors"
+        if not f.is_file():
+            log.warning("checkpoint %s holds no EMA of the weights (saved with train.ema_decay=0): the EMA starts "
+                        "from its weights", path)
+            ema.reset()
+            return
+        try:
+            ema_sd = load_file(str(f))
+        except Exception as e:  # safetensors raises SafetensorError (an Exception) too
+            raise UserError(f"checkpoint member '{f}' could not be read ({type(e).__name__}: {e})") from None
+        try:
+            ema.load_full_state_dict(ema_sd)
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = " ".join(str(e).split())[:200]
+            raise UserError(f"checkpoint member '{f}' does not fit this model ({first}); resume with the model it "
+                            "was saved from, or delete ema.safetensors to restart the EMA from the weights") from None
 
 
 def _fsync_dir(path: Path, only: Optional[str] = None) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from tldist.config import CheckpointConfig, TrainConfig
+from tldist.data.augment import erase_batch
 from tldist.data.device_decode import images_on
 from tldist.train.checkpoint import CheckpointManager
 from tldist.errors import DataError
@@ -110,6 +111,10 @@ class Trainer:
     checkpoints: CheckpointManager
     run: RunInfo
     state: TrainerState = field(default_factory=TrainerState)
+    distiller: Any = None
+    """:class:`tldist.train.distill.Distiller` with ``distill.teacher`` (adds the teacher's soft targets to the loss), else None."""
+    ema: Any = None
+    """:class:`tldist.train.ema.WeightEma` with ``train.ema_decay`` > 0 (updated after each optimizer step), else None."""
 
     # ---- helpers ---------------------------------------------------------------------------
     @property
@@ -134,6 +139,7 @@ class Trainer:
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.normalize(images_on(batch, self.device))  # data.decode=nvjpeg decodes here
+        images = erase_batch(images, batch)  # data.random_erasing: train batches carry per-sample seeds, eval none
         return images, batch["label"].to(self.device, non_blocking=True)
 
     def _clip(self) -> torch.Tensor:
@@ -176,7 +182,11 @@ class Trainer:
 
     def _steps(self, profiler, trace, bar) -> tuple[bool, dict[str, Any]]:
         """The step loop of :meth:`fit`; (stopped, last eval metrics)."""
-        criterion = nn.CrossEntropyLoss(label_smoothing=self.cfg.label_smoothing)
+        from tldist.train.recipe import build_criterion, build_mixup
+
+        # Mixup/CutMix: draws keyed by (seed, rank, step, micro-batch), so a resume continues them exactly
+        mixup = build_mixup(self.cfg, len(self.run.class_names), rank=self.parallel.world.rank)
+        criterion = build_criterion(self.cfg, mixup)
         data_iter = iter(self.train_loader)
         accum = self.cfg.grad_accum
         global_batch, total_steps = self.run.global_batch, self.run.total_steps
@@ -194,17 +204,23 @@ class Trainer:
                 window[2] += time.perf_counter() - t0
                 step_keys.extend(batch.get("key", []))
                 images, labels = self._to_device(batch)
+                if mixup is not None:  # labels become (B, num_classes) soft targets
+                    images, labels = mixup(images, labels, step=self.state.step, micro=micro)
                 with self.parallel.grad_sync(micro == accum - 1):
                     with self.parallel.autocast():
                         logits = self.model(images)
                         loss = criterion(logits, labels) if self.tasks is None else self.tasks.loss(
                             logits, labels, batch["source"], self.cfg.label_smoothing)
+                        if self.distiller is not None:  # the teacher sees the same images, same autocast
+                            loss = self.distiller(logits, images, loss)
                     self.parallel.backward(loss / accum)
                 loss_sum += loss.detach().float()
                 window[1] += 1
             if self.cfg.clip_grad_norm > 0 or self._log_due(self.state.step + 1):
                 grad_norm = self._clip()
             self.parallel.step(self.optimizer)
+            if self.ema is not None:  # local foreach lerp: no collective, no host sync
+                self.ema.update(self.state.step + 1)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
@@ -221,6 +237,8 @@ class Trainer:
             if self._log_due(step):
                 window[0], window[3] = loss_sum.item(), time.perf_counter() - tick
                 self._log_train(window, window_steps, global_batch, grad_norm)
+                if self.distiller is not None:  # train/kd_loss (collective: every rank logs here)
+                    self.tracker.log(self.distiller.log_metrics(), step=step)
                 window.zero_()
                 loss_sum.zero_()
                 window_steps, tick = 0, time.perf_counter()
@@ -229,11 +247,10 @@ class Trainer:
                 (not self.cfg.eval_every_steps and epoch_end) or step == total_steps
             new_best = None
             if eval_due and self.eval_loaders:
-                last_metrics = self.evaluate()
-                top1 = last_metrics.get("eval/top1")
+                last_metrics = self._evaluate_all()
+                top1 = last_metrics.get(self.ckpt_cfg.best_metric)
                 if top1 is not None and top1 > self.state.best_metric:
                     self.state.best_metric, self.state.best_step, new_best = top1, step, top1
-                self.model.train()
             # -- stop decisions are taken by all ranks together, one step late (no per-step sync)
             code = STOP_DATA_FAULT if self.train_loader.fault is not None else STOP_PREEMPT if _STOP.is_set() else 0
             agreed = vote.poll(code)
@@ -249,7 +266,21 @@ class Trainer:
             if stopped:
                 self.tracker.mark_preempting()
                 break
+        if not last_metrics and not stopped and self.eval_loaders and self.state.step >= total_steps:
+            # resumed from the final checkpoint (killed before the run wrote its result): the
+            # result still carries the final eval, which is deterministic, so it equals the lost one
+            last_metrics = self._evaluate_all()
         return stopped, last_metrics
+
+    def _evaluate_all(self) -> dict[str, Any]:
+        """:meth:`evaluate` of the model, then of its EMA swapped in when ``train.ema_decay`` > 0
+        (``eval_ema/...``); leaves the model in train mode (call on every rank)."""
+        metrics = self.evaluate()
+        if self.ema is not None:  # the same eval with the EMA values swapped into the model
+            with self.ema.applied():
+                metrics.update(self.evaluate(base="eval_ema"))
+        self.model.train()
+        return metrics
 
     def _raise_data_fault(self) -> None:
         """Every rank raises the same :class:`DataError`, naming each rank's fault (call on every
@@ -326,11 +357,13 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, base: str = "eval") -> dict[str, Any]:
         """Top-1/top-5/loss over every eval set, exact across ranks (call on every rank).
 
         The first eval set's per-class accuracy, confusion matrix and a few sample predictions
-        (from rank 0's first batch) also go to the tracker.
+        (from rank 0's first batch) also go to the tracker. ``base`` prefixes the metric names:
+        ``eval/top1``, ``eval/<set>/top1``...; ``eval_ema`` while the EMA weights are swapped in
+        (no per-class details then).
         """
         average_buffers(self.model)
         self.model.eval()
@@ -348,18 +381,18 @@ class Trainer:
                 if samples is None and i == 0 and self.is_main:
                     samples = _sample_predictions(batch, logits, self.run.class_names[lo:hi])
             result = acc.compute()
-            prefix = "eval" if name == "val" else f"eval/{name}"
+            prefix = base if name == "val" else f"{base}/{name}"
             for k in ("top1", "top5", "loss", "count"):
                 metrics[f"{prefix}/{k}"] = result[k]
             metrics[f"{prefix}/per_class_acc"] = result["per_class_acc"]
             if self.is_main:
-                log.info("eval %s @ step %d: top1 %.2f%%  top5 %.2f%%  loss %.4f  (%d samples)", name,
+                log.info("%s %s @ step %d: top1 %.2f%%  top5 %.2f%%  loss %.4f  (%d samples)", base, name,
                          self.state.step, result["top1"], result["top5"], result["loss"], result["count"])
-                if i == 0:
+                if i == 0 and base == "eval":
                     self.tracker.log_eval_details(prefix, result["per_class_acc"], result["confusion"],
                                                   self.run.class_names[lo:hi], samples or [], step=self.state.step)
         if self.tasks is not None and self.eval_loaders:  # the headline metric: mean over the tasks' heads
-            metrics["eval/top1"] = sum(metrics[f"eval/{n}/top1"] for n in self.eval_loaders) / len(self.eval_loaders)
+            metrics[f"{base}/top1"] = sum(metrics[f"{base}/{n}/top1"] for n in self.eval_loaders) / len(self.eval_loaders)
         self.tracker.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=self.state.step)
         return metrics
 
@@ -372,7 +405,7 @@ class Trainer:
         path = self.checkpoints.save(self.state.step, model=self.model, optimizer=self.optimizer,
                                      scheduler=self.scheduler, trainer_state=state,
                                      loader_state=self.train_loader.state_dict(), config_yaml=self.run.config_yaml,
-                                     metric=metric, scaler=self.parallel.scaler)
+                                     metric=metric, scaler=self.parallel.scaler, ema=self.ema)
         if self.is_main:
             log.info("saved checkpoint %s", path)
         self.tracker.log({"checkpoint/step": self.state.step}, step=self.state.step)

@@ -113,11 +113,26 @@ def check_num_classes(model_cfg, classes: list[str], source: str) -> int:
 
 
 def build_optimizer(cfg, groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW over param groups carrying ``lr_scale``."""
+    """SGD (Nesterov), AdamW, or timm's LAMB / LARS over param groups carrying ``lr_scale`` (each group's
+    ``weight_decay`` kept). LAMB/LARS apply their layer-wise trust ratio to the weights (``.../decay``
+    groups, ``always_adapt=True``, even at ``optim.weight_decay=0`` as in MAE's linear probe) and not
+    to norms and biases (``.../no_decay``: plain steps), as MAE's LARS and BERT's LAMB do; timm's own
+    default would skip every group whose weight decay is 0. LAMB's global gradient clipping is off
+    (``max_grad_norm=None``): ``train.clip_grad_norm`` does that."""
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+        if cfg.name in ("lamb", "lars"):
+            g["always_adapt"] = g.get("name", "").endswith("/decay")
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.name == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=lr, betas=tuple(cfg.betas), max_grad_norm=None)
+    if cfg.name == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
 
 
@@ -208,7 +223,7 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
     image_size = cfg.data.image_size or info.input_size
     # the loop is done with a batch by its next step (recycling); ranks stop together on data faults
     train_loader = build_train_loader(cfg.data, world, image_size=image_size, interpolation=info.interpolation,
-                                      recycle_batches=True, raise_on_fault=False)
+                                      mean=info.mean, recycle_batches=True, raise_on_fault=False)
     eval_loaders = {}
     for i, (name, location) in enumerate(eval_sets(cfg.data)):  # distinct names, no set twice
         # Val labels are remapped by class name onto the training classes.
@@ -228,8 +243,16 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
     global_batch = cfg.data.batch_size * world.world_size * accum
     lr = cfg.optim.lr * global_batch / cfg.optim.lr_ref_batch
     groups = build_param_groups(parallel.module, info, weight_decay=cfg.optim.weight_decay,
+                                split_no_decay=cfg.optim.name in ("lamb", "lars"),
                                 layer_decay=cfg.transfer.layer_decay, head_lr_mult=cfg.transfer.head_lr_mult)
     optimizer = build_optimizer(cfg.optim, groups, lr)
+    from tldist.train.ema import build_ema
+
+    ema = build_ema(cfg.train, parallel)  # fp32 EMA of the weights (sharded like them), None when off
+    from tldist.train.distill import build_distiller  # before the reseed below: building the teacher draws RNG
+
+    distiller = build_distiller(cfg.distill, classes, parallel.device, mean=info.mean, std=info.std,
+                                image_size=image_size)
 
     steps_per_epoch = max(1, train_loader.steps_per_epoch // accum)
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
@@ -247,12 +270,15 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
                                     is_main=accelerator.is_main_process)
     state, run_id = TrainerState(extra={"classes": classes, "image_size": image_size,
                                         "model_kwargs": info.model_kwargs,  # rebuilds compute the same forward
-                                        **({"tasks": tasks.state()} if tasks else {})}), None
+                                        **({"tasks": tasks.state()} if tasks else {}),
+                                        **({"distill": distiller.state_dict()} if distiller else {})}), None
     resume_from = checkpoints.resolve_resume(cfg.checkpoint.resume)
     if resume_from is not None:
         restored = checkpoints.load(resume_from, model=parallel.model, optimizer=optimizer, scheduler=scheduler,
-                                    rank=world.rank, scaler=parallel.scaler)
+                                    rank=world.rank, scaler=parallel.scaler, ema=ema)
         state.load_state_dict(restored["trainer"])
+        if distiller is not None:
+            distiller.load_state_dict(restored["trainer"].get("distill"))
         train_loader.load_state_dict(restored["loader"])
         run_id = restored["trainer"].get("tracker", {}).get("run_id")
         log.info("resumed from %s at step %d", resume_from, state.step)
@@ -274,7 +300,8 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
                    scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders,
                    normalize=Normalizer(info.mean, info.std, device=parallel.device,
                                         channels_last=parallel.channels_last),
-                   tracker=tracker, checkpoints=checkpoints, run=run, state=state)
+                   tracker=tracker, checkpoints=checkpoints, run=run, state=state, distiller=distiller,
+                   ema=ema)
 
 
 def run(cfg: JobConfig) -> dict[str, Any]:

@@ -1,0 +1,276 @@
+"""Knowledge distillation (``tldist distill`` / ``distill.teacher``): the loss against its formula, the
+teacher's view of a batch, class matching by name, and real runs (2 processes == 1 process, kill and
+resume exact, one-line errors) on tiny generated shards with a resnet18 teacher trained by the test."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, make_shard_set
+
+TEACHER = ["model.name=resnet18", "model.pretrained=false", "data.image_size=16", "data.batch_size=16",
+           "data.num_workers=1", "data.shuffle_buffer=64", "data.hflip=false", "optim.name=adamw", "optim.lr=0.003",
+           "optim.lr_ref_batch=16", "train.log_every_steps=5", "tracker.backend=none"]
+# The student: resnet18 (no dropout, so ranks draw nothing of their own) at 24 px while the teacher sees 16 px.
+STUDENT = ["model.name=resnet18", "model.pretrained=false", "data.image_size=24", "data.batch_size=8",
+           "data.shuffle_buffer=64", "data.hflip=false", "optim.name=sgd", "optim.lr=0.05", "optim.lr_ref_batch=16",
+           "train.log_every_steps=3", "tracker.backend=none", "train.max_steps=8", "train.trace_samples=true",
+           "checkpoint.every_steps=2", "checkpoint.keep_last=8", "distill.temperature=3", "distill.alpha=0.7"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+
+def cli(*args: str, processes: int = 1, accelerate_config: str = "cpu.yaml") -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "tldist.cli", *args]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(REPO / "configs/accelerate" / accelerate_config),
+            "--num_processes", str(processes), "--main_process_port", str(port), "-m", "tldist.cli", *args]
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def trace(out: Path, rank: int) -> dict[int, list[str]]:
+    steps: dict[int, list[str]] = {}
+    for line in (out / "trace" / f"rank{rank}.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        steps[rec["step"]] = rec["keys"]  # a resumed run re-does the steps after its checkpoint: last wins
+    return steps
+
+
+# ------------------------------------------------------------------------------------------ the loss
+
+def test_loss_equals_the_formula_on_a_toy_case():
+    from tldist.train.distill import distillation_loss
+
+    s = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    t = torch.tensor([[1.0, 1.5, -0.5], [2.0, -1.0, 0.5]])
+    labels = torch.tensor([0, 2])
+    hard = torch.nn.functional.cross_entropy(s, labels)
+    T, alpha = 2.5, 0.3
+
+    def softmax(row):
+        e = [math.exp(v / T) for v in row]
+        return [v / sum(e) for v in e]
+
+    kl = sum(sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(tr), softmax(sr)))
+             for tr, sr in zip(t.tolist(), s.tolist())) / 2  # KL(teacher || student), mean over the batch
+    loss, soft = distillation_loss(s, t, hard, alpha=alpha, temperature=T)
+    assert soft.item() == pytest.approx(kl * T * T, rel=1e-5)
+    assert loss.item() == pytest.approx(alpha * kl * T * T + (1 - alpha) * hard.item(), rel=1e-5)
+    same, zero = distillation_loss(t, t, hard, alpha=alpha, temperature=T)  # no divergence from itself
+    assert zero.item() == pytest.approx(0.0, abs=1e-6) and same.item() == pytest.approx((1 - alpha) * hard.item())
+
+
+def test_teacher_view_renormalises_and_resizes_like_the_teachers_own_input():
+    import torch.nn.functional as F
+
+    from tldist.data.transforms import Normalizer
+    from tldist.train.distill import TeacherView
+
+    images = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8)
+    ms, ss, mt, st = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (0.5, 0.5, 0.5), (0.25, 0.3, 0.2)
+    student = Normalizer(ms, ss, device="cpu")(images)
+    for size, mode in ((16, "bilinear"), (40, "bicubic")):
+        view = TeacherView(ms, ss, mt, st, size, mode, device="cpu")
+        want = F.interpolate(Normalizer(mt, st, device="cpu")(images), size=(size, size), mode=mode,
+                             align_corners=False, antialias=size < 24)
+        torch.testing.assert_close(view(student), want, rtol=1e-4, atol=1e-4)
+    same = TeacherView(ms, ss, ms, ss, 24, device="cpu")
+    assert same(student) is student  # nothing to do: the student's own batch
+
+
+def test_distiller_adds_the_soft_term_and_logs_its_window_mean():
+    """The Distiller runs the teacher on its own view of the batch, without autograd, and reports the
+    mean soft term of the micro-batches since the last log step."""
+    from tldist.train.distill import Distiller, TeacherView, distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval().requires_grad_(False)
+    view = TeacherView((0.5,) * 3, (0.25,) * 3, (0.4,) * 3, (0.2,) * 3, 8, device="cpu")
+    d = Distiller(teacher, view, alpha=0.6, temperature=2.0, order=[2, 0, 1], device="cpu", source="t")
+    softs = []
+    for _ in range(3):
+        images, student = torch.randn(4, 3, 12, 12), torch.randn(4, 3, requires_grad=True)
+        hard = torch.nn.functional.cross_entropy(student, torch.tensor([0, 1, 2, 0]))
+        loss = d(student, images, hard)
+        want, soft = distillation_loss(student, teacher(view(images))[:, [2, 0, 1]], hard, alpha=0.6, temperature=2.0)
+        torch.testing.assert_close(loss, want)
+        softs.append(soft.item())
+        loss.backward()  # the student gets gradients; the teacher has none to get
+        assert student.grad is not None and all(p.grad is None for p in teacher.parameters())
+    assert d.log_metrics()["train/kd_loss"] == pytest.approx(sum(softs) / 3, rel=1e-6)
+    assert d.log_metrics()["train/kd_loss"] == 0.0  # the window restarted
+
+
+def test_teacher_classes_are_matched_by_name():
+    from tldist.errors import UserError
+    from tldist.train.distill import match_teacher_classes
+
+    assert match_teacher_classes(["a", "b", "c"], ["a", "b", "c"], "t") is None
+    assert match_teacher_classes(["a", "b", "c"], ["c", "a", "b"], "t") == [2, 0, 1]
+    with pytest.raises(UserError, match=r"distill.teacher 'runs/t'.*teacher only \[c\], data only \[d\]"):
+        match_teacher_classes(["a", "b", "c"], ["a", "b", "d"], "runs/t")
+
+
+# ------------------------------------------------------------------------------------------ real runs
+
+@pytest.fixture(scope="module")
+def work(tiny_shards, tmp_path_factory):
+    """A resnet18 teacher (16 px) trained briefly on the tiny shards, and a 1-process distillation run
+    of a resnet18 student (24 px; 2 loader workers, grad_accum 2) as the reference."""
+    root = tmp_path_factory.mktemp("distill")
+    run(cli("train", "configs/test_tiny.yaml", f"data.train=[{tiny_shards}/train]", f"data.val={tiny_shards}/val",
+            f"output_dir={root}/teacher", "train.max_steps=20", *TEACHER))
+    assert json.loads((root / "teacher" / "result.json").read_text())["best_top1"] > 40  # it learned something
+    ref = root / "ref"
+    proc = run(cli("distill", "configs/test_tiny.yaml", *student(tiny_shards, ref, root / "teacher"),
+                   "data.num_workers=2", "train.grad_accum=2"))
+    return {"root": root, "shards": tiny_shards, "teacher": root / "teacher", "ref": ref,
+            "ref_log": proc.stdout + proc.stderr}
+
+
+def student(shards: Path, out: Path, teacher: Path) -> list[str]:
+    return [f"data.train=[{shards}/train]", f"data.val={shards}/val", f"output_dir={out}", f"distill.teacher={teacher}",
+            *STUDENT]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(work, tmp_path):
+    """2 ranks x 1 worker x batch 8 read the same samples per step as 1 rank x 2 workers x 2 micro-batches
+    of 8 (the same loader slots), so the distilled weights agree."""
+    ref = work["ref"]
+    assert "distill: teacher" in work["ref_log"] and "16 px" in work["ref_log"] and "24 px" in work["ref_log"]
+    out = tmp_path / "two"
+    run(cli("train", "configs/test_tiny.yaml", *student(work["shards"], out, work["teacher"]), "data.num_workers=1",
+            processes=2))  # `train` with distill.teacher is the same job as `distill`
+    r1, r2 = json.loads((ref / "result.json").read_text()), json.loads((out / "result.json").read_text())
+    assert r1["world_size"] == 1 and r2["world_size"] == 2 and r2["ranks_agree"] is True
+    assert r1["step"] == r2["step"] == 8
+    t1, t2a, t2b = trace(ref, 0), trace(out, 0), trace(out, 1)
+    assert all(t1[k] == t2a[k] + t2b[k] for k in t1) and len(t1) == 8  # the same samples in every step
+    w1, w2 = weights(ref, 8), weights(out, 8)
+    params = [k for k in w1 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    for k in params:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    record = json.loads((ref / "checkpoints" / "step_00000008" / "trainer.json").read_text())["distill"]
+    assert record["alpha"] == 0.7 and record["temperature"] == 3.0 and Path(record["teacher"]).name.startswith("step_")
+
+
+@pytest.mark.slow
+def test_the_teacher_changes_the_result(work, tmp_path):
+    """The same run without distill.teacher reads the same batches but ends with other weights."""
+    ref, plain = work["ref"], tmp_path / "plain"
+    run(cli("train", "configs/test_tiny.yaml", *student(work["shards"], plain, work["teacher"]), "data.num_workers=2",
+            "train.grad_accum=2", "distill.teacher=null"))
+    assert trace(plain, 0) == trace(ref, 0)
+    wp, w1 = weights(plain, 8), weights(ref, 8)
+    params = [k for k in w1 if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert any(not torch.allclose(wp[k], w1[k], rtol=1e-3, atol=1e-4) for k in params)
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_the_student_and_keeps_a_full_teacher(work, tmp_path):
+    out = tmp_path / "fsdp"
+    run(cli("distill", "configs/test_tiny.yaml", *student(work["shards"], out, work["teacher"]), "data.num_workers=1",
+            "train.max_steps=2", "train.trace_samples=false", "train.fsdp_block=BasicBlock", processes=2,
+            accelerate_config="fsdp.yaml"))
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["sharded_params"] is True and result["step"] == 2
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_exact(work, tmp_path):
+    """kill -9 a distillation run mid-way and resume it: the same batches and bitwise the same weights as
+    the uninterrupted reference run."""
+    out = tmp_path / "killed"
+    args = student(work["shards"], out, work["teacher"]) + ["data.num_workers=2", "train.grad_accum=2"]
+    proc = subprocess.Popen(cli("distill", "configs/test_tiny.yaml", *args), env=env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    lines = out / "trace" / "rank0.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if lines.is_file() and len(lines.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(lines.read_text().splitlines())
+    assert 5 <= done < 8, f"kill landed at step {done}"
+    run(cli("distill", "configs/test_tiny.yaml", *args))
+    ref = work["ref"]
+    a, b = json.loads((ref / "result.json").read_text()), json.loads((out / "result.json").read_text())
+    assert a["step"] == b["step"] == 8 and a["param_checksum"] == b["param_checksum"]
+    assert trace(ref, 0) == trace(out, 0)
+    wa, wb = weights(ref, 8), weights(out, 8)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "weights differ after resume"
+
+
+@pytest.mark.slow
+def test_teacher_outputs_follow_the_class_names(work):
+    """A teacher whose classes come in another order than the data's: its logits are reordered by name."""
+    from tldist.adapt import load_model
+    from tldist.config import DistillConfig
+    from tldist.train.distill import build_distiller
+
+    classes = ["c2", "c0", "c3", "c1"]
+    d = build_distiller(DistillConfig(teacher=str(work["teacher"])), classes, torch.device("cpu"),
+                        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), image_size=16)
+    assert not d.teacher.training and not any(p.requires_grad for p in d.teacher.parameters())
+    x = torch.randn(2, 3, 16, 16)
+    own = load_model(work["teacher"]).model(x).detach()
+    torch.testing.assert_close(d.teacher_logits(x), own[:, [2, 0, 3, 1]])
+    assert build_distiller(DistillConfig(), classes, "cpu", mean=(0, 0, 0), std=(1, 1, 1), image_size=16) is None
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_clear_line(work, tmp_path, capsys):
+    from tldist.cli import main
+
+    make_shard_set(tmp_path / "six", split="train", n=24, shards=1, num_classes=6, seed=3)
+    teacher, base = str(work["teacher"]), ["configs/test_tiny.yaml", f"output_dir={tmp_path}/o", *STUDENT]
+    cases = [
+        (["distill", *base, f"data.train=[{work['shards']}/train]"], "tldist distill needs a teacher"),
+        (["distill", *base, f"data.train=[{work['shards']}/train]", f"distill.teacher={tmp_path}/nope"],
+         f"config key 'distill.teacher' has bad value '{tmp_path}/nope': it does not exist"),
+        (["distill", *base, f"data.train=[{work['shards']}/train]", f"distill.teacher={work['shards']}"],
+         "config key 'distill.teacher'"),  # a directory that is no checkpoint, run or export
+        (["distill", *base, f"data.train=[{tmp_path}/six]", f"distill.teacher={teacher}"],
+         f"distill.teacher '{teacher}' was trained on other classes than data.train: teacher only [], "
+         "data only [c4, c5]"),
+        (["distill", *base, f"data.train=[{work['shards']}/train]", f"distill.teacher={teacher}", "distill.alpha=1.5"],
+         "config key 'distill.alpha' has bad value 1.5"),
+        (["distill", *base, f"data.train=[{work['shards']}/train]", f"distill.teacher={teacher}",
+          "distill.temperature=0"], "config key 'distill.temperature' has bad value 0"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tldist: error: ") and "\n" not in err and message in err, (argv, err)
