@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (step_*), export dir or weights file")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="embedded default: letters -> handwritten digits transfer on 2 CPU processes")
+    p = sub.add_parser("demo", help="embedded default: printed digits (fonts) -> handwritten digits transfer and a "
+                       "label-budget study, on 2 CPU processes")
     p.add_argument("--out", default="demo_out", help="working directory for shards and runs")
     p.add_argument("--processes", type=int, default=2, help="training processes")
     p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")

@@ -188,12 +188,13 @@ def cmd_torchvision(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``tldist shards demo``: write (or reuse) the embedded letters -> digits demo shard sets."""
+    """``tldist shards demo``: write (or reuse) the embedded printed digits -> handwritten digits demo shard sets."""
     from tldist.data.demo import write_demo_shards
 
     out = Path(args.out)
-    written = write_demo_shards(out, source_per_class=args.source_per_class, seed=args.seed,
-                                label_fraction=args.label_fraction, target_style=args.style, force=args.force)
+    sizes = {"source_per_class": args.source_per_class} if args.source_per_class else {}  # else the demo's own default
+    written = write_demo_shards(out, seed=args.seed, label_fraction=args.label_fraction, target_style=args.style,
+                                force=args.force, **sizes)
     for name, m in written.items():
         print(_summary(out / name, m))
     return 0
@@ -315,9 +316,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_write_options(q, ["train", "val"])
     q.set_defaults(func=cmd_torchvision)
 
-    q = sub.add_parser("demo", help="write the embedded letters (source) -> digits (target) demo shards")
+    q = sub.add_parser("demo", help="write the embedded demo shards: printed digits (source) -> handwritten digits (target)")
     q.add_argument("out", metavar="OUT")
-    q.add_argument("--source-per-class", type=int, default=200, metavar="N", help="rendered letters per class (default 200)")
+    q.add_argument("--source-per-class", type=int, default=0, metavar="N",
+                   help="rendered printed digits per class (default: the demo's own, 500)")
     q.add_argument("--label-fraction", type=float, default=1.0, metavar="F",
                    help="keep a stratified fraction F of the target train labels (default 1.0)")
     q.add_argument("--style", default=None, choices=["invert", "color", "blur", "noise"],

@@ -211,3 +211,37 @@ STOP_PREEMPT = 1
 """Vote code: a stop was requested (preemption, time limit); every rank checkpoints and returns."""
 STOP_DATA_FAULT = 2
 """Vote code: a rank's loader crossed ``data.max_skip_fraction``; every rank raises the DataError."""
+
+
+def model_consistency(model, world_size: int) -> dict[str, Any]:
+    """Facts of a trained ``model`` for the run's result (call on every rank): ``world_size``,
+    ``sharded_params`` (FSDP2 DTensors), ``ranks_agree`` (all ranks hold identical parameters and
+    floating-point buffers under DDP: a guard against "distributed" runs that are really N single
+    runs; None when sharded), ``param_checksum`` (float64 sum of the full model's parameters and
+    buffers) and ``rank_hosts`` ([hostname, address] per rank)."""
+    from torch.distributed.tensor import DTensor
+
+    from tldist.train.checkpoint import gather_objects
+
+    params = list(model.parameters())
+    sharded = bool(params) and all(isinstance(p, DTensor) for p in params)
+    shards = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    buffers = [b for b in model.buffers() if b.is_floating_point()]  # BatchNorm statistics too
+    shard_sum = float(sum(p.detach().double().sum() for p in shards))
+    buffer_sum = float(sum(b.detach().double().sum() for b in buffers))
+    import socket
+
+    host = socket.gethostname()
+    try:  # the address gloo advertises: its device binds to the address the hostname resolves to
+        ip = socket.gethostbyname(host)
+    except OSError:
+        ip = None
+    gathered = gather_objects((shard_sum, buffer_sum, host, ip))
+    sums = [(a, b) for a, b, _, _ in gathered]
+    if sharded:  # each rank holds a disjoint shard: the full model's sum is the sum of the shards'
+        checksum = sum(s for s, _ in sums) + sums[0][1]
+    else:
+        checksum = sums[0][0] + sums[0][1]
+    return {"world_size": world_size, "sharded_params": sharded,
+            "ranks_agree": None if sharded else all(c == sums[0] for c in sums), "param_checksum": checksum,
+            "rank_hosts": [[h, i] for _, _, h, i in gathered]}

@@ -26,7 +26,8 @@ from tldist.data.augment import erase_batch
 from tldist.data.device_decode import images_on
 from tldist.train.checkpoint import CheckpointManager
 from tldist.errors import DataError
-from tldist.train.distributed import STOP_DATA_FAULT, STOP_PREEMPT, StopVote, all_reduce_sum, average_buffers
+from tldist.train.distributed import (STOP_DATA_FAULT, STOP_PREEMPT, StopVote, all_reduce_sum, average_buffers,
+                                     model_consistency)
 from tldist.train.parallelize import Parallel
 from tldist.train.metrics import EvalAccumulator
 from tldist.train.tracking import Tracker
@@ -177,7 +178,7 @@ class Trainer:
         data = self._data_totals()
         return {"step": self.state.step, "stopped": stopped, "best_top1": self.state.best_metric,
                 "best_step": self.state.best_step, "data_read": data["read"], "data_skipped": data["skipped"],
-                **self.consistency(),
+                **model_consistency(self.model, self.num_processes),
                 **{k: v for k, v in last_metrics.items() if not isinstance(v, list)}}
 
     def _steps(self, profiler, trace, bar) -> tuple[bool, dict[str, Any]]:
@@ -299,37 +300,6 @@ class Trainer:
         t = all_reduce_sum(torch.tensor([stats.get("read", 0), stats.get("skipped", 0)], dtype=torch.float64))
         read, skipped = (int(v) for v in t.tolist())
         return {"read": read, "skipped": skipped}
-
-    def consistency(self) -> dict[str, Any]:
-        """World size, whether parameters are sharded (FSDP2 DTensors), and whether all ranks hold
-        identical parameters and floating-point buffers (DDP) — a guard against "distributed" runs that are really N single runs
-        (call on every rank)."""
-        from torch.distributed.tensor import DTensor
-
-        from tldist.train.checkpoint import gather_objects
-
-        params = list(self.model.parameters())
-        sharded = bool(params) and all(isinstance(p, DTensor) for p in params)
-        shards = [p.to_local() if isinstance(p, DTensor) else p for p in params]
-        buffers = [b for b in self.model.buffers() if b.is_floating_point()]  # BatchNorm statistics too
-        shard_sum = float(sum(p.detach().double().sum() for p in shards))
-        buffer_sum = float(sum(b.detach().double().sum() for b in buffers))
-        import socket
-
-        host = socket.gethostname()
-        try:  # the address gloo advertises: its device binds to the address the hostname resolves to
-            ip = socket.gethostbyname(host)
-        except OSError:
-            ip = None
-        gathered = gather_objects((shard_sum, buffer_sum, host, ip))
-        sums = [(a, b) for a, b, _, _ in gathered]
-        if sharded:  # each rank holds a disjoint shard: the full model's sum is the sum of the shards'
-            checksum = sum(s for s, _ in sums) + sums[0][1]
-        else:
-            checksum = sums[0][0] + sums[0][1]
-        return {"world_size": self.num_processes, "sharded_params": sharded,
-                "ranks_agree": None if sharded else all(c == sums[0] for c in sums), "param_checksum": checksum,
-                "rank_hosts": [[h, i] for _, _, h, i in gathered]}
 
     def _log_train(self, window: torch.Tensor, steps: int, global_batch: int, grad_norm) -> None:
         """Reduce the window across ranks and log it (call on every rank)."""
