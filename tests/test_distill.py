@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, make_shard_set
+from conftest import make_shard_set
+from test_train import accelerate_cmd, kill_at_step, run
 
 TEACHER = ["model.name=resnet18", "model.pretrained=false", "data.image_size=16", "data.batch_size=16",
            "data.num_workers=1", "data.shuffle_buffer=64", "data.hflip=false", "optim.name=adamw", "optim.lr=0.003",
@@ -29,26 +25,10 @@ STUDENT = ["model.name=resnet18", "model.pretrained=false", "data.image_size=24"
            "checkpoint.every_steps=2", "checkpoint.keep_last=8", "distill.temperature=3", "distill.alpha=0.7"]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
-
-
 def cli(*args: str, processes: int = 1, accelerate_config: str = "cpu.yaml") -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "tldist.cli", *args]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(REPO / "configs/accelerate" / accelerate_config),
-            "--num_processes", str(processes), "--main_process_port", str(port), "-m", "tldist.cli", *args]
-
-
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
-    return proc
+    return accelerate_cmd(accelerate_config, *args, processes=processes)
 
 
 def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
@@ -212,17 +192,7 @@ def test_kill_and_resume_is_exact(work, tmp_path):
     the uninterrupted reference run."""
     out = tmp_path / "killed"
     args = student(work["shards"], out, work["teacher"]) + ["data.num_workers=2", "train.grad_accum=2"]
-    proc = subprocess.Popen(cli("distill", "configs/test_tiny.yaml", *args), env=env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    lines = out / "trace" / "rank0.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if lines.is_file() and len(lines.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(lines.read_text().splitlines())
+    done = kill_at_step(cli("distill", "configs/test_tiny.yaml", *args), out, 5)
     assert 5 <= done < 8, f"kill landed at step {done}"
     run(cli("distill", "configs/test_tiny.yaml", *args))
     ref = work["ref"]

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 
-from conftest import REPO
-from test_train import accelerate_cmd, env, overrides, read_trace, run
+from test_train import accelerate_cmd, kill_at_step, overrides, read_trace, run
 
 pytestmark = pytest.mark.slow
 
@@ -45,17 +40,7 @@ def test_all_recipes_on_resume_after_kill_matches_uninterrupted(tiny_shards, tmp
 
     out = tmp_path / "killed"
     cmd = accelerate_cmd("cpu.yaml", "train", "configs/test_tiny.yaml", *overrides(tiny_shards, out, *extra))
-    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    trace = out / "trace" / "rank0.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if trace.is_file() and len(trace.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(trace.read_text().splitlines())
+    done = kill_at_step(cmd, out, 4)
     assert 4 <= done < 10, f"kill landed at step {done}"
     run(accelerate_cmd("cpu.yaml", "train", "configs/test_tiny.yaml", *overrides(tiny_shards, out, *extra)))
 

@@ -77,6 +77,22 @@ def test_ddp_two_processes_uneven_shards(tiny_shards, tmp_path):
     assert (out / "checkpoints" / f"step_{result['step']:08d}" / "model.safetensors").is_file()
 
 
+def kill_at_step(cmd: list[str], out: Path, steps: int, limit: float = 180) -> int:
+    """Start ``cmd`` (a run writing ``out/trace/rank0.jsonl``, ``train.trace_samples=true``), SIGKILL its
+    whole process group once rank 0 traced ``steps`` optimizer steps; the steps traced by then."""
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    trace = out / "trace" / "rank0.jsonl"
+    deadline = time.time() + limit
+    while time.time() < deadline and proc.poll() is None:
+        if trace.is_file() and len(trace.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return len(trace.read_text().splitlines())
+
+
 def test_resume_after_kill_matches_uninterrupted(tiny_shards, tmp_path):
     """Kill -9 a 2-process run mid-epoch, resume: same steps, same batches, same final weights."""
     extra = ["train.max_steps=14", "checkpoint.every_steps=3", "train.trace_samples=true", "checkpoint.keep_last=5"]
@@ -85,17 +101,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_shards, tmp_path):
 
     out = tmp_path / "killed"
     cmd = accelerate_cmd("cpu.yaml", "train", "configs/test_tiny.yaml", *overrides(tiny_shards, out, *extra))
-    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    trace = out / "trace" / "rank0.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if trace.is_file() and len(trace.read_text().splitlines()) >= 7:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = len(trace.read_text().splitlines())
+    done = kill_at_step(cmd, out, 7)
     assert 7 <= done < 14, f"kill landed at step {done}"
     run(accelerate_cmd("cpu.yaml", "train", "configs/test_tiny.yaml", *overrides(tiny_shards, out, *extra)))
 

@@ -227,28 +227,13 @@ def write_pseudo_shards(manifest, labels: dict[str, int], out: str | Path, class
     Image bytes are copied as stored (no re-encode). Raises :class:`DataError` if a kept key is
     no longer in the shards (they changed while labelling).
     """
-    from tldist.data.manifest import IMAGE_EXTS, resolve_shard_urls
     from tldist.data.sources import Sample, SampleSource
-    from tldist.data.stream import read_shard
+    from tldist.data.subset import samples_by_key
     from tldist.data.writer import write_shards
 
-    urls = resolve_shard_urls(manifest)
-
     def generate() -> Iterator[Sample]:
-        found = 0
-        for url, info in zip(urls, manifest.shards):
-            for rec in read_shard(url, 0, info.num_samples):
-                if not rec.ok or rec.key not in labels:
-                    continue
-                ext = next((e for e in IMAGE_EXTS if e in rec.fields), None)
-                if ext is None:
-                    raise DataError(f"sample '{rec.key}' of shard {url} has no image member any more")
-                yield Sample(rec.key, rec.fields[ext], ext, labels[rec.key], f"{url}:{rec.key}")
-                found += 1
-                if found == len(labels):
-                    return
-        raise DataError(f"{len(labels) - found} pseudo-labelled samples were not found again in "
-                        f"'{manifest.base}'; did its shards change while labelling? Run pseudo-label again")
+        yield from samples_by_key(manifest, labels, missing=f"pseudo-labelled samples were not found again in "
+                                  f"'{manifest.base}'; did its shards change while labelling? Run pseudo-label again")
 
     info = {"type": "pseudo-label", "unlabelled": summary["unlabelled"], "teacher": summary["teacher"]}
     source = SampleSource(len(labels), generate, info)

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 
 from tldist.data.manifest import IMAGE_EXTS, MANIFEST_NAME, Manifest, load_manifest, resolve_shard_urls
 from tldist.errors import DataError, UserError
+
+if TYPE_CHECKING:
+    from tldist.data.sources import Sample
 
 log = logging.getLogger("tldist.data")
 
@@ -98,6 +101,29 @@ def _source_id(location: str | Path) -> str:
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
+def samples_by_key(manifest: Manifest, labels: dict[str, int], *, missing: str) -> Iterator["Sample"]:
+    """Stream ``manifest``'s shards once and yield the samples whose keys are in ``labels``, with those
+    labels, image bytes as stored (for :func:`~tldist.data.writer.write_shards`). Stops once all are
+    found; raises :class:`DataError` "<N> <missing>" when some never come (the shards changed, or
+    unreadable records), and when a chosen sample has no image member."""
+    from tldist.data.sources import Sample
+    from tldist.data.stream import read_shard
+
+    found = 0
+    for url, info in zip(resolve_shard_urls(manifest), manifest.shards):
+        for rec in read_shard(url, 0, info.num_samples):
+            if not rec.ok or rec.key not in labels:
+                continue
+            ext = next((e for e in IMAGE_EXTS if e in rec.fields), None)
+            if ext is None:
+                raise DataError(f"sample '{rec.key}' of shard {url} has no image member")
+            yield Sample(rec.key, rec.fields[ext], ext, labels[rec.key], f"{url}:{rec.key}")
+            found += 1
+            if found == len(labels):
+                return
+    raise DataError(f"{len(labels) - found} {missing}")
+
+
 def write_label_subset(src_location: str | Path, out_dir: str | Path, labels_per_class: int, seed: int, *,
                        max_count: int = 10000) -> Manifest:
     """Write exactly ``labels_per_class`` samples of every class of ``src_location`` to ``out_dir``.
@@ -111,7 +137,6 @@ def write_label_subset(src_location: str | Path, out_dir: str | Path, labels_per
     unreadable sources.
     """
     from tldist.data.sources import Sample, SampleSource
-    from tldist.data.stream import read_shard
     from tldist.data.writer import write_shards
 
     existing = subset_matches(out_dir, src_location, labels_per_class, seed)
@@ -120,22 +145,10 @@ def write_label_subset(src_location: str | Path, out_dir: str | Path, labels_per
     manifest, by_class = label_index(src_location)
     chosen = choose_keys(by_class, manifest.classes, labels_per_class, seed)
     labels = {key: c for c, keys in by_class.items() for key in keys if key in chosen}
-    urls = resolve_shard_urls(manifest)
 
     def generate() -> Iterator[Sample]:
-        found = 0
-        for url, info in zip(urls, manifest.shards):
-            for rec in read_shard(url, 0, info.num_samples):
-                if not rec.ok or rec.key not in labels:
-                    continue
-                ext = next((e for e in IMAGE_EXTS if e in rec.fields), None)
-                if ext is None:
-                    raise DataError(f"sample '{rec.key}' of shard {url} has no image member")
-                yield Sample(rec.key, rec.fields[ext], ext, labels[rec.key], f"{url}:{rec.key}")
-                found += 1
-        if found != len(labels):
-            raise DataError(f"{len(labels) - found} chosen samples could not be read again from '{src_location}'; "
-                            "check it with 'tldist shards verify'")
+        yield from samples_by_key(manifest, labels, missing=f"chosen samples could not be read again from "
+                                  f"'{src_location}'; check it with 'tldist shards verify'")
 
     info = {"type": "label-subset", "source": _source_id(src_location)}
     meta = {"subset": {"source": _source_id(src_location), "labels_per_class": labels_per_class, "seed": seed,

@@ -238,7 +238,9 @@ def _cell(plan: StudyPlan, arm: str, k: Optional[int], seed: int, *, lr: Optiona
     cfg.data.samples_per_epoch = steps * plan.global_batch
     cfg.train.max_steps = steps
     cfg.train.eval_every_steps = steps  # evaluated once, at the end: no selection on val
-    cfg.checkpoint.every_steps = max(1, math.ceil(steps / 4))
+    # a few checkpoints for long cells; short ones (<= 100 steps) save only at the end, where a lost
+    # cell costs less to redo than its intermediate saves cost every cell
+    cfg.checkpoint.every_steps = max(100, math.ceil(steps / 4))
     cfg.checkpoint.keep_last = 1
     cfg.checkpoint.resume = "auto"
     if arm == "scratch":
