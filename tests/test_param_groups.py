@@ -76,9 +76,15 @@ def _optimizer(name, model, info, weight_decay=0.05, **kw):
     return build_optimizer(OptimConfig(name=name, weight_decay=weight_decay, **kw), groups, lr=0.01)
 
 
+def _ulps(w: torch.Tensor) -> float:
+    """Tolerance of a measured step ``(w + d) - w``: it is rounded to w's float32 spacing, a few ulps
+    of the largest |w| (cancellation)."""
+    return 4 * torch.finfo(torch.float32).eps * float(w.abs().max())
+
+
 def _one_step(opt, model, seed=0):
     """Random norm/bias values and gradients, one step; (weights before, grads, deltas). The deltas are
-    (w + d) - w in float32, hence the comparisons' atol of 2e-8 (cancellation)."""
+    (w + d) - w in float32, hence the comparisons' tolerance of a few ulps (:func:`_ulps`)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # norms' ones and biases' zeros would hide a trust ratio (|w| = |update| or 0)
         for p in model.parameters():
@@ -121,7 +127,7 @@ def test_lars_adapts_the_weights_not_norms_and_biases(wd):
             torch.testing.assert_close(delta[n], -lr * g)
         else:
             trust = 0.001 * w.norm() / (g.norm() + wd * w.norm())
-            torch.testing.assert_close(delta[n], -lr * trust * (g + wd * w), rtol=1e-3, atol=2e-8)
+            torch.testing.assert_close(delta[n], -lr * trust * (g + wd * w), rtol=1e-3, atol=_ulps(w))
 
 
 def test_lamb_adapts_only_weight_decayed_groups():
@@ -139,7 +145,7 @@ def test_lamb_adapts_only_weight_decayed_groups():
         else:
             update = update + 0.05 * w
             trust = w.norm() / update.norm() if w.norm() > 0 else 1.0
-            torch.testing.assert_close(delta[n], -lr * trust * update, rtol=1e-3, atol=2e-8)
+            torch.testing.assert_close(delta[n], -lr * trust * update, rtol=1e-3, atol=_ulps(w))
 
 
 @pytest.mark.parametrize("name", ["lamb", "lars"])
