@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--model", default="resnet50")
     ap.add_argument("--student", default="resnet18")
     ap.add_argument("--steps", type=int, default=200, help="training steps of the fp32 model (batch 32)")
+    ap.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of the fp32 model and the student")
     ap.add_argument("--recovery-steps", type=int, default=80)
     ap.add_argument("--student-steps", type=int, default=200)
     ap.add_argument("--runs", type=int, default=15, help="timed forward passes per variant and batch size")
@@ -72,7 +73,7 @@ def main() -> int:
                 "preprocess": {"image_size": 32, "resize": 32, "crop_pct": 1.0, "mean": list(info.mean),
                                "std": list(info.std), "interpolation": "bilinear"}}
         t = time.time()
-        finetune(model, meta, train, steps=steps, lr=0.05, batch_size=32, num_workers=1, teacher=teacher)
+        finetune(model, meta, train, steps=steps, lr=args.lr, batch_size=32, num_workers=1, teacher=teacher)
         times[f"train_{name}_s"] = round(time.time() - t, 1)
         write_export(model, meta, out)
         return out
@@ -125,7 +126,7 @@ def main() -> int:
                      "b1_speedup": round(lat["ms"]["fp32"]["b1"] / ms["b1"], 2),
                      "b32_speedup": round(lat["ms"]["fp32"]["b32"] / ms["b32"], 2)})
     result = {"model": args.model, "student": args.student, "image_size": 32, "val": val, "val_count": None,
-              "steps": args.steps, "recovery_steps": args.recovery_steps, "student_steps": args.student_steps,
+              "steps": args.steps, "lr": args.lr, "recovery_steps": args.recovery_steps, "student_steps": args.student_steps,
               "latency_runs": args.runs, "latency_threads": 1, "torch": torch.__version__, "rows": rows,
               "times_s": times, "total_s": round(time.time() - t_start, 1),
               "note": "shared 2-core machine (8 agents): latency interleaved across variants, medians"}

@@ -71,3 +71,18 @@ def tiny_shards(tmp_path_factory):
     make_shard_set(root / "train", split="train", n=300, shards=5)
     make_shard_set(root / "val", split="val", n=101, shards=3, seed=1)
     return root
+
+
+def spawn_ranks(worker, nprocs: int = 2) -> dict:
+    """Run ``worker(rank, port, out)`` in ``nprocs`` spawned processes (a free local port for their
+    process group) and return what each put into the shared dict ``out`` (keyed by rank)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.get_context("spawn").Manager().dict()
+    mp.spawn(worker, args=(port, out), nprocs=nprocs, join=True)
+    return dict(out)

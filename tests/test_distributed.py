@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import spawn_ranks
 from tldist.train.distributed import StopVote, average_buffers
 
 
@@ -37,11 +36,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_stop_vote_and_buffer_averaging_across_two_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.get_context("spawn").Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    out = spawn_ranks(_worker)
     for rank in (0, 1):
         seen, last, mean, var, tracked = out[rank]
         assert seen == [0, 0, 0, 0, 1, 0, 0, 2] and last == 0

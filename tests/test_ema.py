@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+from conftest import spawn_ranks
 from tldist.train.ema import WeightEma
 
 torch.set_num_threads(1)
@@ -205,11 +204,7 @@ def _fsdp_worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_fsdp2_ema_is_sharded_local_and_matches_one_process():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.get_context("spawn").Manager().dict()
-    mp.spawn(_fsdp_worker, args=(port, out), nprocs=2, join=True)
+    out = spawn_ranks(_fsdp_worker)
     for rank in (0, 1):
         r = out[rank]
         assert r["local"] < r["full"], r  # each rank holds a shard of the EMA parameters
