@@ -64,6 +64,13 @@ def test_offline_run_logs_what_the_dashboard_needs_and_resumes_same_run(tiny_sha
     assert set(resumed["run_ids"]) == {first["tracker_run_id"]}
     assert max(h["_step"] for h in resumed["history"]) == 8
 
+    # checkpoint.resume=none in the same directory is a deliberate fresh start: a new W&B run, whose
+    # first steps are logged (not skipped as already held by the old run's segments)
+    third = train(tiny_shards, out, "train.max_steps=4", "checkpoint.resume=none")
+    assert third["tracker_run_id"] != first["tracker_run_id"]
+    fresh = [seg for seg in read_segments(out) if seg["run_id"] == third["tracker_run_id"]]
+    assert len(fresh) == 1 and [h["_step"] for h in fresh[0]["history"] if "train/loss" in h] == [2, 4]
+
 
 # ---- a killed and resumed job: one row per step in what `wandb sync` uploads ----------------------
 KILL_RESUME = ["train.max_steps=200", "checkpoint.every_steps=10", "train.log_every_steps=1",

@@ -293,7 +293,8 @@ def build(cfg: JobConfig, accelerator=None) -> Trainer:
                  **run_metadata()}
     tracker = build_tracker(cfg.tracker, is_main=accelerator.is_main_process,
                             run_name=cfg.run_name or output_dir.name, output_dir=output_dir,
-                            config={**cfg.to_dict(), **metadata}, run_id=run_id, resumed_step=state.step)
+                            config={**cfg.to_dict(), **metadata}, run_id=run_id, resumed_step=state.step,
+                            new_run=cfg.checkpoint.resume == "none")
     run = RunInfo(steps_per_epoch=steps_per_epoch, total_steps=total_steps, global_batch=global_batch,
                   output_dir=output_dir, config_yaml=config_yaml, class_names=classes, tasks=tasks)
     return Trainer(cfg=cfg.train, ckpt_cfg=cfg.checkpoint, parallel=parallel, optimizer=optimizer,

@@ -72,14 +72,14 @@ class WandbTracker(Tracker):
     """
 
     def __init__(self, cfg: TrackerConfig, *, run_name: str, output_dir: Path, config: dict[str, Any],
-                 run_id: Optional[str], resumed_step: int = 0):
+                 run_id: Optional[str], resumed_step: int = 0, new_run: bool = False):
         try:
             import wandb
         except ImportError:  # pragma: no cover - wandb is a core dependency
             raise ImportError("tracker.backend=wandb needs wandb: pip install wandb") from None
         self._wandb = wandb
         id_file = output_dir / "tracker.json"
-        if run_id is None and id_file.is_file():
+        if run_id is None and not new_run and id_file.is_file():  # killed before its first checkpoint
             from tldist.safeload import read_json
 
             recorded = read_json(id_file, what="W&B run record")
@@ -189,12 +189,15 @@ def run_metadata() -> dict[str, Any]:
 
 
 def build_tracker(cfg: TrackerConfig, *, is_main: bool, run_name: str, output_dir: str | Path,
-                  config: dict[str, Any], run_id: Optional[str] = None, resumed_step: int = 0) -> Tracker:
+                  config: dict[str, Any], run_id: Optional[str] = None, resumed_step: int = 0,
+                  new_run: bool = False) -> Tracker:
     """The main process gets the configured backend; every other rank a no-op tracker.
 
     ``resumed_step`` is the optimizer step of the checkpoint the job resumed from (0 for a fresh
     start): a resumed W&B run logs again the rows up to it that its killed attempt lost
-    (:class:`WandbTracker`).
+    (:class:`WandbTracker`). Without ``run_id`` the id recorded in ``tracker.json`` is continued
+    (a job killed before its first checkpoint), unless ``new_run`` (``checkpoint.resume=none``: a
+    deliberate fresh start gets a new W&B run).
     """
     if not is_main or cfg.backend == "none" or os.environ.get("WANDB_MODE", cfg.mode) == "disabled":
         return Tracker()
@@ -203,7 +206,7 @@ def build_tracker(cfg: TrackerConfig, *, is_main: bool, run_name: str, output_di
 
         cfg = dataclasses.replace(cfg, group=f"array-{os.environ['SLURM_ARRAY_JOB_ID']}")
     return WandbTracker(cfg, run_name=run_name, output_dir=Path(output_dir), config=config, run_id=run_id,
-                        resumed_step=resumed_step)
+                        resumed_step=resumed_step, new_run=new_run)
 
 
 # ---- what earlier segments of a run already hold ----------------------------------------------
