@@ -68,7 +68,7 @@ class Bench:
         return json.loads(result.read_text())
 
     def best(self, name: str) -> Path:
-        from tldist.train.checkpoint import CheckpointManager
+        from tldist.artifacts.checkpoint import CheckpointManager
 
         ckpts = CheckpointManager(self.out / "runs" / name / "checkpoints", keep_last=1, is_main=False)
         return ckpts.best() or ckpts.latest()

@@ -93,3 +93,44 @@ def abba(variants: Sequence[str], repeats: int) -> list[tuple[int, str]]:
         seq = list(variants) if r % 2 == 0 else list(reversed(variants))
         order += [(r, v) for v in seq]
     return order
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, MiB (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Peak:
+    """``with Peak() as p: ...`` -> ``p.dt`` (wall seconds) and ``p.peak - p.base`` (peak RSS above the start of
+    the block, MiB; sampled every 5 ms by a thread, after a ``gc.collect`` and glibc's ``malloc_trim``)."""
+
+    def __enter__(self):
+        import ctypes
+        import gc
+        import threading
+        import time
+
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.base = self.peak = rss_mb()
+        self.stop = False
+
+        def run():
+            while not self.stop:
+                self.peak = max(self.peak, rss_mb())
+                time.sleep(0.005)
+
+        self.t = threading.Thread(target=run, daemon=True)
+        self.t.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        self.dt = time.perf_counter() - self.t0
+        self.stop = True
+        self.t.join()
+        self.peak = max(self.peak, rss_mb())
+

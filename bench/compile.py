@@ -46,7 +46,7 @@ def one_run(compiled: bool, a) -> tuple[float, float]:
     real = trainer.train_loader
     trainer.train_loader = SyntheticLoader(a.batch, a.size, real.classes, real.steps_per_epoch, real.num_samples)
     real.close()
-    trainer.eval_loaders = {}
+    trainer.eval_sets = []
     t0 = time.perf_counter()
     trainer.run.total_steps = a.warmup
     trainer.fit()

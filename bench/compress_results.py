@@ -42,6 +42,14 @@ def prepare(out: Path, epochs: int) -> Path:
     return export
 
 
+
+def load_export(path):
+    """``(model, model record, head prefixes)`` of a model path, as tldist's commands load it."""
+    from tldist.artifacts.resolve import load_model
+
+    loaded = load_model(path)
+    return loaded.model, loaded.meta, list(loaded.info.head)
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/tldist_bench/compress")
@@ -54,7 +62,7 @@ def main() -> None:
 
     import torch
 
-    from tldist.compress import compressed_mb, file_mb, load_export, measure_latency
+    from tldist.compress.measure import compressed_mb, file_mb, measure_latency
     from tldist.compress.prune import prune_export
     from tldist.compress.quantize import load_int8, quantize_export, to_torchscript
 

@@ -31,6 +31,14 @@ from pathlib import Path
 import torch
 
 
+
+def load_export(path):
+    """``(model, model record, head prefixes)`` of a model path, as tldist's commands load it."""
+    from tldist.artifacts.resolve import load_model
+
+    loaded = load_model(path)
+    return loaded.model, loaded.meta, list(loaded.info.head)
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/tldist_deploy_work",
@@ -46,10 +54,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads for training (latency always uses 1)")
     args = ap.parse_args()
 
-    from tldist.compress import evaluate, file_mb, load_export, measure_latency, script_bytes, write_export
+    from tldist.artifacts.export import write_export
+    from tldist.compress.measure import file_mb, measure_latency, script_bytes
+    from tldist.evaluate import evaluate_shards as evaluate
     from tldist.compress.prune import finetune
     from tldist.compress.quantize import apply_static, calibration_batches, to_torchscript
-    from tldist.compress.structured import META_KEY, apply_channel_pruning, count_params, pruning_record
+    from tldist.compress.structured import PRUNED_KEY as META_KEY, apply_channel_pruning, count_params, pruning_record
     from tldist.config import ModelConfig
     from tldist.data.demo import write_demo_shards
     from tldist.models.factory import build_model
@@ -107,7 +117,7 @@ def main() -> int:
         data = script_bytes(to_torchscript(apply_static(models[src], calib), example))
         path = work / f"{name.replace('+', '_')}.pt"
         path.write_bytes(data)
-        from tldist.compress import load_script
+        from tldist.compress.measure import load_script
 
         models[name] = load_script(data)
         files[name] = round(len(data) / 1e6, 3)

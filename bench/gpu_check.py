@@ -6,7 +6,7 @@ timeout), the whole run keeps to ``--budget-s`` (checks that no longer fit are m
 ``skipped (budget)``), and the results table is rewritten after every check, so a kill from
 outside still leaves the rows done so far. Nothing is downloaded: the data are synthetic JPEGs
 (``bench/make_images.py``: crops of scikit-learn's two sample photographs and 1/f-noise images)
-written as shards by tldist's own writer (``tldist.data.writer.write_imagefolder``), every model
+written as shards by tldist's own writer (``tldist.data.ingest.write_imagefolder``), every model
 is built with ``model.pretrained=false`` and ``tracker.backend=none``.
 
 Checks (``--device cuda``; estimated H100/H200 seconds, mostly process start-up, in brackets):
@@ -44,7 +44,7 @@ Rows run in this order (most needed first). The estimates add up to ~375 s, so a
 (345 s) the last rows (train-nvjpeg, loop-nvjpeg) are the ones left out if the estimates hold;
 ``--budget-s 420`` fits them all and still ends well inside a 10-minute command.
 
-``--device cpu`` is the CI smoke test (``tests/test_gpu_check.py``; 1 min on 2 idle cores, 2-2.5 min
+``--device cpu`` is the CI smoke test (``tests/e2e/test_gpu_check.py``; 1 min on 2 idle cores, 2-2.5 min
 at load average 9): ResNet-18 at 32 px, 3 steps, 200 train / 32 val JPEGs, 1 loader worker;
 train-fp16/-bf16-cl/-compile/-nvjpeg and loop-nvjpeg say ``skipped (cpu)``; fsdp2 runs over gloo in
 fp32 and its step-1 loss must equal train-fp32's (4 decimals: same init, same batch); nvjpeg-pixels

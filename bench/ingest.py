@@ -43,7 +43,7 @@ def _odd_files() -> dict[str, bytes]:
 
 def bench_writes(images: Path, repeats: int, workers: list[int], checks: list[str]) -> tuple[str, str]:
     from tldist.data.ingest import write_planned
-    from tldist.data.writer import samples_from_imagefolder
+    from tldist.data.sources import samples_from_imagefolder
 
     classes, samples = samples_from_imagefolder(images)
     variants = [f"{c}/{w}" for c in checks for w in workers]
@@ -81,7 +81,8 @@ def bench_writes(images: Path, repeats: int, workers: list[int], checks: list[st
 
 
 def bench_checks(images: Path, n: int, repeats: int) -> tuple[str, str]:
-    from tldist.data.writer import CHECKS, DECODERS, Sample, _prepare, _Skip
+    from tldist.data.sources import Sample
+    from tldist.data.writer import CHECKS, DECODERS, SkipSample as _Skip, prepare_image as _prepare
 
     files = sorted(images.rglob("*.jpg"))[:n]
     blobs = [p.read_bytes() for p in files]

@@ -60,7 +60,7 @@ def unshare_activation_partitions(gm: torch.fx.GraphModule, model: nn.Module) ->
 
 
 def interleaved(models: dict, shape_of, runs: int, batch_sizes=(1, 32)) -> dict:
-    from tldist.compress import measure_latency
+    from tldist.compress.measure import measure_latency
 
     return measure_latency(models, shape_of, batch_sizes=batch_sizes, runs=runs, warmup=2, threads=1)
 

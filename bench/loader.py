@@ -28,6 +28,12 @@ Variants, measured interleaved in one run (A B C.., ..C B A, A B C), ``--repeats
 * ``shard+norm+re`` ``shard+norm`` with ``data.random_erasing=0.25`` (timm's RandomErasing, pixel mode, on the
                   normalized batch in the consuming process, per-sample seeds from the workers): what erasing
                   on the device batch adds to the consumer.
+* ``shard-wds``   ``shard`` on the same images written by ``wds.ShardWriter`` (``.jpg`` + ``.cls``, webdataset's own
+                  tar writer: tarfile headers, sorted members) and indexed in place by ``tldist shards index``
+                  (issue 26: "training reads such shards as fast as its own", target >= 0.95 of ``shard``).
+* ``shard-i2d``   the same images in img2dataset's layout (``.jpg`` + ``.txt`` caption + ``.json`` with the class
+                  name under ``label``), indexed with ``--label json:label``: extra members are passed over
+                  and every label is a JSON parse plus a class-name lookup.
 * ``ceiling``     tldist's own decode + train transform on in-memory JPEG bytes in a W-process
                   ``multiprocessing.Pool``; nothing but a count comes back (no IPC, no tar reading,
                   no batching): what W cores can do at best. ``ceiling-tv``: the same with
@@ -78,7 +84,7 @@ def proc_cpu_seconds(pids) -> float:
             pass
     return total
 VARIANTS = ("shard", "shard+norm", "shard-tv", "shard-nvjpeg", "imagefolder", "ceiling", "ceiling-tv", "shard-ra",
-            "ceiling-ra", "shard+norm+re")
+            "ceiling-ra", "shard+norm+re", "shard-wds", "shard-i2d")
 POLICY = "rand-m9-mstd0.5-inc1"
 
 # ---------------------------------------------------------------------------------------
@@ -200,6 +206,41 @@ def run_shard(shards: str, workers: int, batch: int, warmup: int, batches: int, 
         loader.close()
 
 
+def foreign_sets(shards: str) -> dict[str, str]:
+    """The images of the tldist shard set ``shards`` rewritten by webdataset's ``ShardWriter`` (``shard-wds``)
+    and in img2dataset's layout (``shard-i2d``), same samples in the same order and shard sizes, each indexed
+    in place with ``tldist shards index``; made once next to ``shards``. Returns ``{variant: manifest dir}``."""
+    import json
+
+    import webdataset as wds
+
+    from tldist.data.index import index_shards
+    from tldist.data.manifest import load_manifest
+    from tldist.data.stream import read_shard
+
+    m = load_manifest(shards)
+    root = Path(shards).parent
+    out = {"shard-wds": str(root / "wds_index"), "shard-i2d": str(root / "i2d_index")}
+    if all((Path(d) / "manifest.json").is_file() for d in out.values()):
+        return out
+    per_shard = m.shards[0].num_samples
+    for name in ("wds", "i2d"):
+        (root / name).mkdir(exist_ok=True)
+        with wds.ShardWriter(str(root / name / "train-%06d.tar"), maxcount=per_shard, verbose=0) as w:
+            for url, info in zip(m.shard_urls(), m.shards):
+                for rec in read_shard(url, 0, info.num_samples):
+                    label = int(rec.fields["cls"])
+                    if name == "wds":
+                        w.write({"__key__": rec.key, "jpg": rec.fields["jpg"], "cls": str(label).encode()})
+                    else:
+                        doc = {"key": rec.key, "status": "success", "label": m.classes[label], "width": 256}
+                        w.write({"__key__": rec.key, "jpg": rec.fields["jpg"], "txt": b"a photo of a thing",
+                                 "json": json.dumps(doc).encode()})
+    index_shards([str(root / "wds")], out["shard-wds"], workers=2)  # = tldist shards index DIR OUT --workers 2
+    index_shards([str(root / "i2d")], out["shard-i2d"], label="json:label", workers=2)
+    return out
+
+
 def run_imagefolder(root: str, workers: int, batch: int, warmup: int, batches: int, seed: int) -> tuple[float, float]:
     import torch
     from torch.utils.data import DataLoader
@@ -216,7 +257,7 @@ def run_imagefolder(root: str, workers: int, batch: int, warmup: int, batches: i
     loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, generator=g)
     it = iter(loader)
     try:
-        return _time_batches(it, warmup, batches, lambda: [w.pid for w in it._workers])  # noqa: SLF001
+        return _time_batches(it, warmup, batches, lambda: [w.pid for w in it._workers])  # noqa: SLF001, F821 (called before the del)
     finally:
         del it
 
@@ -303,6 +344,7 @@ def main(argv=None) -> int:
     if ceiling is not None:
         ceiling.run(4 * a.workers, "pil")  # start the pool
     n_ceiling = a.batch * a.batches
+    foreign = foreign_sets(info["shards"]) if {"shard-wds", "shard-i2d"} & set(variants) else {}
     res: dict[str, list[float]] = {v: [] for v in variants}  # images/s (wall clock)
     cpu: dict[str, list[float]] = {v: [] for v in variants}  # images per CPU-second
     load_before = loadavg()
@@ -335,6 +377,9 @@ def main(argv=None) -> int:
             elif v == "shard+norm+re":
                 ips, per_cpu = run_shard(info["shards"], a.workers, a.batch, a.warmup, a.batches, "pil", True, seed,
                                          a.device, erase=0.25)
+            elif v in ("shard-wds", "shard-i2d"):
+                ips, per_cpu = run_shard(foreign[v], a.workers, a.batch, a.warmup, a.batches, "pil", False, seed,
+                                         a.device)
             else:
                 raise SystemExit(f"unknown variant {v}; choose from {', '.join(VARIANTS)}")
             res[v].append(ips)
@@ -363,7 +408,8 @@ def main(argv=None) -> int:
             ratio("shard-nvjpeg", "shard-tv"), ratio("shard-nvjpeg", "ceiling-tv"),
             ratio("imagefolder", "ceiling"), ratio("ceiling-tv", "ceiling"),
             ratio("shard-ra", "ceiling-ra", "0.9"), ratio("shard-ra", "shard"), ratio("ceiling-ra", "ceiling"),
-            ratio("shard+norm+re", "shard+norm")]
+            ratio("shard+norm+re", "shard+norm"), ratio("shard-wds", "shard", "0.95"),
+            ratio("shard-i2d", "shard", "0.95")]
     print("\n## Ratios (per repeat, median [min-max]): wall-clock img/s, and images per CPU-second\n")
     print(table(["ratio", "wall", "met", "per CPU-second", "met", "target"], [r for r in rows if r is not None]))
     if a.json is not None:

@@ -107,7 +107,7 @@ def _make(args: tuple[int, int, int, int, str]) -> tuple[str, int]:
 def make_images(out: Path, n: int = 3000, classes: int = 10, short: int = 256, quality: int = 90, seed: int = 0,
                 min_shards: int = 16, force: bool = False, verbose: bool = True) -> dict:
     """Write (or reuse) the ImageFolder tree and shard set; returns the parameters + paths."""
-    from tldist.data.writer import write_imagefolder
+    from tldist.data.ingest import write_imagefolder
 
     out = Path(out)
     params = {"version": VERSION, "n": n, "classes": classes, "short": short, "quality": quality, "seed": seed,

@@ -58,7 +58,7 @@ def bench_mixup(args) -> dict:
 def bench_optim(args) -> dict:
     from tldist.config import ModelConfig, OptimConfig
     from tldist.models import build_model, build_param_groups
-    from tldist.train.main import build_optimizer
+    from tldist.train.optim import build_optimizer
 
     model, info = build_model(ModelConfig(name="resnet50", pretrained=False), 1000)
     g = torch.Generator().manual_seed(0)

@@ -72,7 +72,7 @@ def ingest(tool: str, images: str, out: str, procs: int, check: str = "header") 
     items = _files(images)
     if tool == "tldist":  # imports and the file listing outside the timed window, for every tool
         from tldist.data.ingest import write_planned
-        from tldist.data.writer import samples_from_imagefolder
+        from tldist.data.sources import samples_from_imagefolder
 
         classes, samples = samples_from_imagefolder(images)
     elif tool == "streaming":

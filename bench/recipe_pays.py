@@ -76,7 +76,7 @@ def launch(config: Path, overrides: list[str], log: Path, processes: int, timeou
 
 def source_checkpoint(root: Path, shards: Path, processes: int) -> Path:
     """The demo's source backbone (trained once, reused)."""
-    from tldist.train.checkpoint import CheckpointManager
+    from tldist.artifacts.checkpoint import CheckpointManager
 
     out = root / "runs" / "source"
     if not (out / "result.json").is_file():

@@ -1,4 +1,4 @@
 """``python launch/submit.py submit|sweep|status|cancel ...``: same as ``tldist submit ...``."""
 import sys
-from tldist.launch.cli import main
+from tldist.cli.launch import main
 sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""``accelerate launch launch/train.py CONFIG [overrides]``: ``tldist train`` + checkpoint-on-signal."""
+"""``accelerate launch launch/train.py CONFIG [overrides]``: ``tldist train --stop-on-signal``."""
 import sys
-from tldist.launch.worker import main
-sys.exit(main(sys.argv[1:]))
+from tldist.cli.main import main
+sys.exit(main(["train", "--stop-on-signal", *sys.argv[1:]]))

@@ -1,67 +1,21 @@
-"""Shared fixtures: tiny real shard sets written with tldist's own writer."""
+"""Fixtures shared by ``unit/`` and ``e2e/``: tiny real shard sets written with tldist's own writer, a
+briefly trained export, the dev SLURM cluster. Plain helpers are in ``helpers.py``."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session-scoped dev SLURM cluster)
-
-
-@contextlib.contextmanager
-def serve_http(directory: Path) -> Iterator[str]:
-    """A real HTTP server on loopback serving ``directory`` (in a thread); yields its base URL."""
-    import functools
-    import http.server
-    import threading
-
-    quiet = type("QuietHandler", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(directory)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def tiny_image(label: int, rng: np.random.Generator, size: int = 16, fmt: str = "PNG") -> bytes:
-    """A learnable synthetic image: a bright square whose position and colour encode the class."""
-    from PIL import Image
-
-    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    q = size // 4
-    r, c = divmod(label % 16, 4)
-    img[r * q:(r + 1) * q, c * q:(c + 1) * q, label % 3] = 230
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def make_shard_set(out: Path, *, split: str, n: int, shards: int, num_classes: int = 4, seed: int = 0,
-                   fmt: str = "PNG", prefix: str = "s"):
-    """Write ``n`` samples in ``shards`` shards with the production writer; returns the Manifest."""
-    from tldist.data.writer import Sample, write_shards
-
-    rng = np.random.default_rng(seed)
-    ext = "png" if fmt == "PNG" else "jpg"
-    samples = [Sample(key=f"{prefix}{split}{i:05d}", data=tiny_image(i % num_classes, rng, fmt=fmt), ext=ext,
-                      label=i % num_classes) for i in range(n)]
-    per_shard = -(-n // shards)
-    return write_shards(samples, out, split, [f"c{i}" for i in range(num_classes)], max_count=per_shard,
-                        max_size=None, check="none")
+from helpers import STUDY_CONFIG, exif_jpeg, make_shard_set, tiny_image  # noqa: E402
+from slurm_cluster import slurm_cluster, slurm_multinode  # noqa: E402,F401  (session-scoped dev SLURM clusters)
 
 
 @pytest.fixture(scope="session")
@@ -73,16 +27,70 @@ def tiny_shards(tmp_path_factory):
     return root
 
 
-def spawn_ranks(worker, nprocs: int = 2) -> dict:
-    """Run ``worker(rank, port, out)`` in ``nprocs`` spawned processes (a free local port for their
-    process group) and return what each put into the shared dict ``out`` (keyed by rank)."""
-    import socket
+@pytest.fixture(scope="session")
+def tiny_export(tiny_shards, tmp_path_factory):
+    """A briefly trained resnet18 (4 classes, 16 px) as an export directory (``tldist compress`` input).
+    Shared by every module that takes it: tests only read it."""
+    import torch
 
-    import torch.multiprocessing as mp
+    from tldist.artifacts.export import write_export
+    from tldist.compress.prune import finetune
+    from tldist.config import ModelConfig
+    from tldist.models.factory import build_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.get_context("spawn").Manager().dict()
-    mp.spawn(worker, args=(port, out), nprocs=nprocs, join=True)
-    return dict(out)
+    torch.manual_seed(0)
+    model, info = build_model(ModelConfig(name="resnet18", pretrained=False), 4, image_size=16)
+    meta = {"model": "resnet18", "num_classes": 4, "classes": ["c0", "c1", "c2", "c3"],
+            "preprocess": {"image_size": 16, "resize": 18, "mean": list(info.mean), "std": list(info.std),
+                           "interpolation": "bilinear"}}
+    finetune(model, meta, str(tiny_shards / "train"), steps=60, lr=0.05, batch_size=16, num_workers=1)
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    write_export(model, meta, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """96 train samples in 3 shards and 20 val samples (the augmentation tests)."""
+    root = tmp_path_factory.mktemp("aug_shards")
+    make_shard_set(root / "train", split="train", n=96, shards=3)
+    make_shard_set(root / "val", split="val", n=20, shards=1, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def jpeg_shards(tmp_path_factory):
+    """Real JPEG shards from the project's writer, plus a mixed set (JPEG sizes/orientations, PNG)."""
+    from tldist.data.sources import Sample
+    from tldist.data.writer import write_shards
+
+    root = tmp_path_factory.mktemp("jpeg_shards")
+    make_shard_set(root / "train", split="train", n=96, shards=3, fmt="JPEG")
+    make_shard_set(root / "val", split="val", n=37, shards=2, fmt="JPEG", seed=1)
+    rng = np.random.default_rng(2)
+    samples = []
+    for i in range(64):
+        kind = i % 4
+        data = (tiny_image(i % 4, rng, size=32, fmt="PNG") if kind == 0 else
+                exif_jpeg(int(rng.integers(20, 90)), int(rng.integers(20, 90)), i, orientation=1 + i % 8))
+        samples.append(Sample(key=f"m{i:04d}", data=data, ext="png" if kind == 0 else "jpg", label=i % 4))
+    write_shards(samples, root / "mixed", "train", [f"c{i}" for i in range(4)], max_count=20, max_size=None,
+                 check="none")
+    return root
+
+
+@pytest.fixture(scope="module")
+def study_data(tmp_path_factory):
+    """4 classes: 120 train samples (30 each) in 3 shards, 40 val; a saved mobilenet_v3_small state dict
+    as the "pretrained" backbone of the finetune and probe arms."""
+    import torch
+
+    from tldist.config import load_config
+    from tldist.models.factory import build_model
+
+    root = tmp_path_factory.mktemp("study_data")
+    make_shard_set(root / "train", split="train", n=120, shards=3)
+    make_shard_set(root / "val", split="val", n=40, shards=1, seed=1)
+    model, _ = build_model(load_config(STUDY_CONFIG).model, 4, image_size=16)
+    torch.save(model.state_dict(), root / "backbone.pt")
+    return root

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-# raw serialized records of one .wandb file (tests/test_launch.py reads the run record with it)
+# raw serialized records of one .wandb file (helpers.wandb_runs reads the run record with it)
 from tldist.train.tracking import transaction_log_records as _records  # noqa: F401
 
 

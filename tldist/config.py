@@ -29,26 +29,41 @@ class DataConfig:
     (brace-expanded; local paths, ``http(s)://`` or ``pipe:`` commands)."""
     val: Optional[str] = None
     """Validation shard set (manifest location); evaluation is skipped when unset."""
-    val_sets: list[str] = field(default_factory=list)
+    val_sets: list[Any] = field(default_factory=list)
     """Extra eval shard sets, each scored and logged on its own as ``eval/<name>/top1`` (e.g. the
-    per-dataset val sets of a mixture); ``<name>`` is the set's directory name and its parent's."""
+    per-dataset val sets of a mixture); ``<name>`` is the set's directory name and its parent's. An entry is
+    a manifest location, or a mapping ``{path: LOCATION, restrict_classes: true, class_map: FILE}``
+    (:class:`ValSet`): ``restrict_classes`` scores only the set's own classes (the ImageNet-R/-A protocol:
+    the other outputs are masked out before top-k, timm#176), ``class_map`` maps the set's class names to
+    the model's (ImageNet-V2, whose folders are class indices; :mod:`tldist.data.class_map`)."""
     val_urls: Optional[str] = None
     """Optional shard URL pattern overriding the val manifest's shard locations."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata={"timm": "--batch-size"})
     """Micro-batch size per process (the global batch is this x processes x grad accumulation)."""
-    eval_batch_size: int = 0
+    eval_batch_size: int = field(default=0, metadata={"timm": "--validation-batch-size"})
     """Per-process eval batch size; 0 means 2 x ``batch_size``."""
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"timm": "--workers"})
     """DataLoader worker processes per rank (persistent across epochs)."""
     shuffle_buffer: int = 1000
-    """Samples per shuffle block; raw bytes of one block are held in memory per worker."""
+    """Raw samples held for the block shuffle across the whole job: each of the ``data.partitions`` partitions
+    shuffles blocks of ``ceil(shuffle_buffer / partitions)`` records, so a loader worker holds about
+    ``shuffle_buffer / (ranks x workers)`` records (raw bytes, before decoding)."""
+    partitions: int = 0
+    """Canonical partitions of each stream-epoch (MosaicML Streaming's ``num_canonical_nodes``): global sample
+    ``t`` is draw ``t // partitions`` of partition ``t % partitions``, so the samples of every global step are
+    the same on any number of ranks and loader workers at the same global batch. 0: the least common multiple
+    of 240 and the starting world size (240 = 2^4 x 3 x 5 divides most world sizes; 960 at 64 ranks, 7,680 at
+    512), at most the smallest train set's sample count. Fixed when a run starts (a resume keeps the
+    checkpoint's). A world size that does not divide it still gets the same samples, but each partition is
+    then read by several ranks (a warning names the factor): choose a multiple of every world size you will
+    run on, at least ranks x data.num_workers."""
     seed: int = 0
     """Seed for shard order and in-block shuffles; together with the step it fixes the sample order."""
-    image_size: int = 0
+    image_size: int = field(default=0, metadata={"timm": "--img-size"})
     """Input resolution; 0 means the backbone's own default input size."""
-    train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata={"timm": "--scale"})
     """RandomResizedCrop scale range for training."""
-    hflip: bool = True
+    hflip: bool = field(default=True, metadata={"timm": "--hflip 0.5 (true) / --hflip 0 (false)"})
     """Random horizontal flip during training (turn off for digits and text)."""
     resampled: bool = False
     """Draw training shards with replacement (for very large or multi-source data); needs ``samples_per_epoch``."""
@@ -61,37 +76,48 @@ class DataConfig:
     (:mod:`tldist.data.device_decode`)."""
     max_skip_fraction: float = 0.01
     """Stop the run when more than this fraction of samples read so far failed to decode."""
-    pin_memory: bool = True
+    read_retries: int = 3
+    """Re-opens of a remote shard (``http(s)://``, ``pipe:``, ``s3://``) that broke off after delivering data,
+    read on from its next unread member (:mod:`tldist.data.retry`); only what is still missing after the last
+    one counts as skipped. 0: no retries."""
+    retry_backoff_s: float = 0.5
+    """Seconds before the first retry of a shard; each further retry of it waits twice as long."""
+    pin_memory: bool = field(default=True, metadata={"timm": "--pin-mem"})
     """Pin host memory for faster host-to-GPU copies (ignored on CPU)."""
-    auto_augment: str = ""
+    auto_augment: str = field(default="", metadata={"timm": "--aa"})
     """Augmentation policy run in the loader workers after crop + flip; empty = off. timm's strings:
     ``rand-m9-mstd0.5-inc1`` (RandAugment), ``original``/``v0`` (AutoAugment, ImageNet / EfficientNet policy),
     or ``trivialaugment`` (torchvision's TrivialAugmentWide); see :mod:`tldist.data.augment`. Not with
     ``decode=nvjpeg``."""
-    color_jitter: float = 0.0
+    color_jitter: float = field(default=0.0, metadata={"timm": "--color-jitter"})
     """Colour jitter factor in the loader workers (timm's scalar: brightness = contrast = saturation, no hue);
     0 = off. Applied after ``auto_augment`` when both are set. Not with ``decode=nvjpeg``."""
-    random_erasing: float = 0.0
+    random_erasing: float = field(default=0.0, metadata={"timm": "--reprob (--remode pixel)"})
     """Random erasing probability per image (timm's ``re_prob``, per-pixel noise mode), applied to the normalized
     batch on the training device; 0 = off."""
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"
+    name: str = field(default="resnet18", metadata={"timm": "--model (as timm:<name>)"})
     """torchvision classification model name (``resnet50``, ``vit_b_16``...) or ``timm:<name>``."""
-    pretrained: bool = True
+    pretrained: bool = field(default=True, metadata={"timm": "--pretrained"})
     """Load pretrained weights (torchvision ``weights`` enum, timm's weights or ``checkpoint``)."""
     weights: str = "DEFAULT"
     """torchvision weights enum member (``DEFAULT``, ``IMAGENET1K_V2``...)."""
-    checkpoint: Optional[str] = None
-    """Local checkpoint (state dict, tldist checkpoint or export) to initialise the backbone from."""
-    num_classes: int = 0
+    checkpoint: Optional[str] = field(default=None, metadata={"timm": "--initial-checkpoint"})
+    """Local checkpoint to initialise the backbone from: a tldist export, checkpoint (``step_*``) or run
+    directory, or a weights file (``.safetensors``, ``.pt``/``.pth`` state dict); read by
+    :func:`tldist.artifacts.resolve.resolve` like every other model path."""
+    checkpoint_weights: Optional[str] = None
+    """Which weights of a tldist checkpoint or run ``model.checkpoint`` names: ``raw`` or ``ema`` (the
+    ``tldist export --weights`` choice); null: the ones its run judged best (``checkpoint.best_metric``)."""
+    num_classes: int = field(default=0, metadata={"timm": "--num-classes"})
     """Classes of the new head; 0 means the count in the training manifest."""
     heads: str = "merged"
     """``merged``: one head over the train sets' class names merged by name; ``separate``: one head per
     ``data.train`` entry (multi-task; see :mod:`tldist.train.multitask`), ``data.val_sets[i]`` scored with head i."""
-    drop_path_rate: Optional[float] = None
+    drop_path_rate: Optional[float] = field(default=None, metadata={"timm": "--drop-path"})
     """Stochastic depth (Huang et al. 2016), the deepest block's drop probability in [0, 1): timm's
     ``drop_path_rate``; torchvision's ``stochastic_depth_prob`` (convnext, efficientnet, efficientnet_v2; swin and
     maxvit, whose builders fix it, get their linear per-block schedule rescaled). Unset (null): the
@@ -108,7 +134,7 @@ class TransferConfig:
     """Stages/blocks to unfreeze with ``strategy=last_n``."""
     freeze_bn: bool = False
     """Keep BatchNorm running statistics and affine parameters fixed."""
-    layer_decay: float = 1.0
+    layer_decay: float = field(default=1.0, metadata={"timm": "--layer-decay"})
     """Layer-wise LR decay: stage i of n gets ``lr * layer_decay ** (n - i)``; 1.0 disables it."""
     head_lr_mult: float = 1.0
     """LR multiplier for the new classification head."""
@@ -116,58 +142,76 @@ class TransferConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
+    name: str = field(default="sgd", metadata={"timm": "--opt"})
     """``sgd`` (Nesterov momentum), ``adamw``, or for large global batches ``lamb`` (timm's ``Lamb``, You et al.
     2019; uses ``betas``) or ``lars`` (timm's ``Lars``, You et al. 2017; uses ``momentum``). Both adapt the
     step by the trust ratio only on weight-decayed groups (norms, biases: plain steps) and leave gradient
     clipping to ``train.clip_grad_norm``."""
-    lr: float = 0.1
-    """Base LR for a global batch of ``lr_ref_batch`` images; scaled linearly with the real global batch."""
-    lr_ref_batch: int = 256
-    """Global batch at which ``lr`` applies unscaled."""
-    weight_decay: float = 1e-4
+    lr: float = field(default=0.1, metadata={"timm": "--lr-base (--lr with optim.lr_ref_batch=0)"})
+    """Base LR for a global batch of ``lr_ref_batch`` images, scaled to the run's global batch by ``lr_scaling``
+    (timm's ``--lr-base``); with ``lr_ref_batch=0`` the LR itself, unscaled (timm's ``--lr``). The effective peak LR
+    and the rule that produced it are logged once at start and saved as ``derived.lr_scaled``
+    (:func:`tldist.train.optim.effective_lr`)."""
+    lr_ref_batch: int = field(default=256, metadata={"timm": "--lr-base-size"})
+    """Global batch (images per optimizer step, all ranks) at which ``lr`` applies unscaled (timm's
+    ``--lr-base-size``); 0: ``lr`` is absolute, whatever the global batch."""
+    lr_scaling: str = field(default="linear", metadata={"timm": "--lr-base-scale"})
+    """How ``lr`` follows the global batch B: ``linear`` (``lr x B / lr_ref_batch``, Goyal et al. 2017), ``sqrt``
+    (``lr x sqrt(B / lr_ref_batch)``, Krizhevsky 2014; for adaptive optimizers), or ``auto``: timm's
+    ``--lr-base-scale ''`` rule (``sqrt`` for ``adamw`` and ``lamb``, ``linear`` otherwise). Ignored with
+    ``lr_ref_batch=0``."""
+    weight_decay: float = field(default=1e-4, metadata={"timm": "--weight-decay"})
     """Weight decay (never applied to norm layers and biases)."""
-    momentum: float = 0.9
+    momentum: float = field(default=0.9, metadata={"timm": "--momentum"})
     """SGD and LARS momentum."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"timm": "--opt-betas"})
     """AdamW and LAMB betas."""
     warmup_steps: int = 0
     """Linear warmup in optimizer steps (takes priority over ``warmup_epochs``)."""
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = field(default=0.0, metadata={"timm": "--warmup-epochs"})
     """Linear warmup in epochs, used when ``warmup_steps`` is 0."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = field(default=0.0, metadata={"timm": "--min-lr (absolute in timm: min_lr_ratio x peak LR)"})
     """Cosine floor as a fraction of the peak LR."""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = field(default=1, metadata={"timm": "--epochs"})
     """Training epochs (an epoch is the declared train sample count / global batch)."""
     max_steps: int = 0
     """Stop after this many optimizer steps; 0 means ``epochs`` decide."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    mixed_precision: str = "no"
-    """``no``, ``bf16`` or ``fp16``."""
-    clip_grad_norm: float = 0.0
+    grad_accum: Optional[int] = field(default=None, metadata={"timm": "--grad-accum-steps"})
+    """Micro-batches per optimizer step. Unset (null): the launcher's ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``
+    (``accelerate launch --gradient_accumulation_steps N``, or exported), else 1; set here and there to different
+    values: an error (:mod:`tldist.accelerate_env`)."""
+    global_batch_size: int = 0
+    """Images per optimizer step over all ranks (torchtitan's ``training.global_batch_size``); 0: not fixed. When
+    set, ``train.grad_accum`` follows from the world size at start, ``global_batch_size / (ranks x
+    data.batch_size)`` (it must divide), so a job requeued onto fewer nodes (``tldist submit --min-nodes``)
+    keeps its global batch, learning rate and sample order by accumulating more micro-batches."""
+    mixed_precision: Optional[str] = field(default=None, metadata={"timm": "--amp --amp-dtype bfloat16|float16"})
+    """``no``, ``bf16`` or ``fp16``. Unset (null): the launcher's choice (``accelerate launch --mixed_precision bf16``
+    or ``mixed_precision:`` in its config file), else ``no``; set here and there to different values: an error
+    (:mod:`tldist.accelerate_env`). The run's saved ``config.yaml`` holds the precision used."""
+    clip_grad_norm: float = field(default=0.0, metadata={"timm": "--clip-grad (--clip-mode norm)"})
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(default=0.0, metadata={"timm": "--smoothing"})
     """Cross-entropy label smoothing (with Mixup/CutMix: folded into the mixed soft targets)."""
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = field(default=0.0, metadata={"timm": "--mixup"})
     """Mixup (Zhang et al. 2018) Beta(alpha, alpha) parameter, >= 0; 0 turns Mixup off. Mixup/CutMix run on
     the device batch through timm's ``Mixup`` (batch mode) with a soft-target cross-entropy."""
-    cutmix_alpha: float = 0.0
+    cutmix_alpha: float = field(default=0.0, metadata={"timm": "--cutmix"})
     """CutMix (Yun et al. 2019) Beta(alpha, alpha) parameter, >= 0; 0 turns CutMix off."""
-    mixup_prob: float = 1.0
+    mixup_prob: float = field(default=1.0, metadata={"timm": "--mixup-prob"})
     """Probability in [0, 1] that a batch is mixed at all (timm's ``prob``)."""
-    mixup_switch_prob: float = 0.5
+    mixup_switch_prob: float = field(default=0.5, metadata={"timm": "--mixup-switch-prob"})
     """Probability in [0, 1] of CutMix instead of Mixup when both alphas are > 0 (timm's ``switch_prob``)."""
-    ema_decay: float = 0.0
+    ema_decay: float = field(default=0.0, metadata={"timm": "--model-ema --model-ema-decay"})
     """Decay of an fp32 exponential moving average of the weights, updated after every optimizer step
     (timm's ``ModelEmaV3``; see :mod:`tldist.train.ema`): 0 turns it off, else a value in (0, 1) such as
     0.999 (averages over ~1/(1 - decay) steps). Evaluated next to the raw model as ``eval_ema/*`` and saved
     in every checkpoint (``ema.safetensors``)."""
-    ema_warmup: bool = False
+    ema_warmup: bool = field(default=False, metadata={"timm": "--model-ema-warmup"})
     """Ramp the EMA decay up as ``min(ema_decay, 1 - (1 + step) ** -ema_warmup_power)`` (timm's ``use_warmup``),
     so that the EMA forgets the first, still poor weights quickly."""
     ema_warmup_power: float = 2 / 3
@@ -177,27 +221,44 @@ class TrainConfig:
     """Loss weight per ``data.train`` entry with ``model.heads=separate``; empty means all 1."""
     eval_every_steps: int = 0
     """Evaluate every N optimizer steps; 0 means once per epoch."""
-    log_every_steps: int = 10
+    log_every_steps: int = field(default=10, metadata={"timm": "--log-interval"})
     """Log train metrics every N optimizer steps."""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"timm": "--seed"})
     """Seed for model init (the same on every rank); dropout and drop-path draw from ``seed + rank``."""
-    channels_last: bool = True
+    channels_last: bool = field(default=True, metadata={"timm": "--channels-last"})
     """Use channels_last memory format for conv nets on GPUs (ignored on CPU, where it is slower,
     and under FSDP2, which cannot shard channels_last parameters)."""
     fsdp: bool = False
     """Shard the model with FSDP2 (also turned on by an accelerate config with ``distributed_type: FSDP``)."""
     fsdp_block: str = ""
     """Module class name wrapped as one FSDP unit (e.g. ``BasicBlock``, ``EncoderBlock``); empty picks the model's stages."""
+    fsdp_reshard_after_forward: Optional[bool] = None
+    """FSDP2 frees the all-gathered parameters of each block after its forward and gathers them again for the
+    backward (``fully_shard(reshard_after_forward=True)``, ZeRO-3); false keeps them until the backward (ZeRO-2:
+    more memory, one all-gather less per block). Unset (null): the accelerate config's
+    ``fsdp_reshard_after_forward``, else true."""
+    grad_checkpointing: Optional[bool] = field(default=None, metadata={"timm": "--grad-checkpointing"})
+    """Activation checkpointing: keep only block inputs in the forward and recompute each block in the backward
+    (lower peak memory for about one more forward pass). timm models: their own ``set_grad_checkpointing()``;
+    torchvision models: each block FSDP2 would wrap (``train.fsdp_block`` or the backbone's block classes)
+    through ``torch.utils.checkpoint``, applied before sharding and compiling (:mod:`tldist.train.parallelize`).
+    Unset (null): the accelerate config's ``fsdp_activation_checkpointing``, else false."""
     trace_samples: bool = False
     """Append each step's sample keys to ``output_dir/trace/rank<r>.jsonl`` (reproducibility checks)."""
     profile: bool = False
     """Write a torch profiler trace of a few steps to ``output_dir/profile``."""
-    compile: bool = False
+    compile: Optional[bool] = field(default=None, metadata={"timm": "--torchcompile"})
     """``torch.compile`` the model (in place, ``nn.Module.compile``: state-dict keys unchanged, so
     checkpoints load into compiled and plain models alike). Under DDP the module is compiled before
     wrapping, under FSDP2 after sharding."""
-    compile_mode: str = "default"
-    """``torch.compile`` mode: ``default``, ``reduce-overhead``, ``max-autotune`` or ``max-autotune-no-cudagraphs``."""
+    compile_mode: Optional[str] = field(default=None, metadata={"timm": "--torchcompile-mode"})
+    """``torch.compile`` mode: ``default``, ``reduce-overhead``, ``max-autotune`` or ``max-autotune-no-cudagraphs``.
+    ``compile`` and ``compile_mode`` unset (null): the launcher's ``--dynamo_backend inductor`` / ``--dynamo_mode``
+    (``dynamo_config`` in its config file), else no compiling and ``default``."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device at the run's precision, the denominator of ``perf/mfu``; 0: NVIDIA's
+    datasheet figure for H100/H200/A100 (:data:`tldist.train.perf.PEAK_TFLOPS`), or on a CPU a matmul measured
+    at start (the log says which)."""
     collective_timeout_s: int = 600
     """Seconds a collective (all-reduce, barrier) may wait for the other ranks before it raises and
     the job ends; bounds the hang when a node is lost without closing its connections."""
@@ -213,30 +274,66 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 0
     """Save every N optimizer steps (0: only at the end and at each epoch end)."""
-    keep_last: int = 2
+    keep_last: int = field(default=2, metadata={"timm": "--checkpoint-hist"})
     """Periodic checkpoints to keep (the best is kept as well)."""
-    best_metric: str = "eval/top1"
+    best_metric: str = field(default="eval/top1", metadata={"timm": "--eval-metric"})
     """The eval metric (higher is better) that picks the best checkpoint: ``eval/top1`` (the raw weights) or
     ``eval_ema/top1`` (the EMA weights; needs ``train.ema_decay`` > 0). ``tldist export`` exports the weights it
     judged unless told otherwise (``--weights``)."""
-    resume: str = "auto"
-    """``auto`` (latest in ``output_dir/checkpoints`` if any), ``none``, or a checkpoint directory."""
+    resume: str = field(default="auto", metadata={"timm": "--resume"})
+    """``auto`` (latest in ``output_dir/checkpoints`` if any), ``none``, or a checkpoint directory. A run resumes
+    on any number of ranks and loader workers: the model, optimizer and EMA are resharded, the data continue
+    at the same global sample (:mod:`tldist.data.stream`)."""
+    async_save: bool = False
+    """Write checkpoints in the background (torchtitan's ``async_mode``): training is blocked only while the
+    state is copied to host memory; the next save and the end of the run wait for the write, and a crash
+    mid-write leaves the previous checkpoint the latest complete one."""
+    full_weights: bool = False
+    """Also write ``model.safetensors`` (the full model gathered on rank 0) into every checkpoint, for tools
+    outside tldist; ``tldist export`` writes one from any checkpoint."""
+    remote: str = ""
+    """Mirror every checkpoint to this URL (``s3://bucket/run1`` through boto3, the ``s3`` extra; or any fsspec URL,
+    ``gs://...``, ``file:///mnt/b``, with its package installed): uploaded once in place, pruned with the local ones, and
+    ``resume=auto`` takes the newest complete checkpoint of either side (open_clip's ``--remote-sync``,
+    Composer's ``save_folder``). Empty: local only."""
 
 
 @dataclass
 class TrackerConfig:
-    backend: str = "wandb"
+    backend: str = field(default="wandb", metadata={"timm": "--log-wandb (wandb)"})
     """``wandb`` or ``none``."""
-    project: str = "tldist"
+    project: str = field(default="tldist", metadata={"timm": "--wandb-project"})
     """W&B project."""
     entity: Optional[str] = None
     """W&B entity (team/user)."""
     mode: str = "offline"
     """W&B mode: ``offline`` (default; sync later with ``wandb sync``), ``online`` or ``disabled``."""
     group: Optional[str] = None
-    """W&B group (sweeps and job arrays share one)."""
-    tags: list[str] = field(default_factory=list)
+    """W&B group (sweeps and job arrays share one). Null: ``array-<SLURM_ARRAY_JOB_ID>`` in a job array,
+    else the run's own id, so that the ``tldist eval``/``export``/``compress``/``adapt``/``pseudo-label``/
+    ``study`` runs that use its model are grouped with it."""
+    tags: list[str] = field(default_factory=list, metadata={"timm": "--wandb-tags"})
     """W&B tags."""
+    log_model: str = "false"
+    """Checkpoints as W&B artifacts of type ``model`` (Lightning's ``WandbLogger(log_model=...)``): ``false``
+    (none), ``true`` (the best and the last checkpoint, once training ends), ``all`` (every checkpoint as it
+    is written). Aliases ``latest``, ``best`` and ``step-<N>``; logged as references (``file://``, no bytes
+    copied: the checkpoint dir is on storage the jobs share), so a pruned checkpoint's artifact dangles."""
+
+    def __post_init__(self) -> None:
+        # YAML reads unquoted true/false as booleans: `tracker.log_model=true` arrives as "True"
+        if self.log_model in ("True", "False"):
+            self.log_model = self.log_model.lower()
+
+
+@dataclass
+class EvalConfig:
+    confusion_max_classes: int = 1000
+    """Build the dense confusion matrix (classes x classes integer counts, rank 0 only) when the model has at
+    most this many classes; above it only the ``top_confused`` pairs are reported. Memory: 8 x classes^2
+    bytes (1,000 classes: 8 MB; 21,841: 3.8 GB). 0: never."""
+    top_confused: int = 20
+    """How many most frequent (true class, predicted class) mistakes each eval reports (rank 0), >= 0."""
 
 
 @dataclass
@@ -245,6 +342,9 @@ class DistillConfig:
     """Knowledge distillation (:mod:`tldist.train.distill`): the fine-tuned teacher, an export dir
     (``model.json``), a checkpoint dir (``step_*``) or a run's output dir (its best checkpoint). Its
     classes must be the training data's (by name, any order). Unset: plain training."""
+    teacher_weights: Optional[str] = None
+    """Which weights of a teacher checkpoint or run: ``raw`` or ``ema``; null: the ones its run judged best
+    (as ``tldist export`` picks them)."""
     alpha: float = 0.5
     """Weight of the soft-target term, in [0, 1]: ``loss = alpha * T^2 * KL(p_teacher^T || p_student^T)
     + (1 - alpha) * hard loss`` (Hinton et al. 2015). As DeiT's ``distillation_alpha``; note that torchdistill's
@@ -256,9 +356,9 @@ class DistillConfig:
 
 @dataclass
 class JobConfig:
-    output_dir: str = "runs/default"
+    output_dir: str = field(default="runs/default", metadata={"timm": "--output"})
     """Where checkpoints, logs and the resolved config go."""
-    run_name: str = ""
+    run_name: str = field(default="", metadata={"timm": "--experiment"})
     """Run name for the tracker; empty uses the output dir's name."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -268,118 +368,187 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "JobConfig":
-        """Check value ranges; raises :class:`ConfigError` naming the key."""
+        """Check value ranges and the rules that tie sections together; raises :class:`ConfigError`
+        naming the key. The ``data.*`` values on their own are checked where they are used, by
+        :func:`tldist.data.pipeline.check_data_config` (training calls it first, before any work)."""
         d, t, o = self.data, self.train, self.optim
-        if not d.train:
-            _bad("data.train", d.train, "list at least one shard set, e.g. data.train=[shards/train]")
-        if d.train_weights and len(d.train_weights) != len(d.train):
-            _bad("data.train_weights", d.train_weights, f"give one weight per data.train entry ({len(d.train)})")
-        if any(w <= 0 for w in d.train_weights):
-            _bad("data.train_weights", d.train_weights, "weights must be > 0")
-        if d.train_urls and len(d.train_urls) != len(d.train):
-            _bad("data.train_urls", d.train_urls, f"give one URL pattern per data.train entry ({len(d.train)})")
-        _positive("data.batch_size", d.batch_size)
-        _at_least("data.num_workers", d.num_workers, 0)
-        _positive("data.shuffle_buffer", d.shuffle_buffer)
-        if len(d.train_crop_scale) != 2 or not 0 < d.train_crop_scale[0] <= d.train_crop_scale[1] <= 1:
-            _bad("data.train_crop_scale", d.train_crop_scale, "use [min, max] with 0 < min <= max <= 1")
-        if d.resampled and d.samples_per_epoch <= 0:
-            _bad("data.samples_per_epoch", d.samples_per_epoch, "set a positive epoch size when data.resampled=true")
-        _choice("data.decode", d.decode, ("pil", "torchvision", "nvjpeg"))
-        from tldist.data.augment import check_augment
-
-        check_augment(d)
-        if not 0 <= d.max_skip_fraction < 1:
-            _bad("data.max_skip_fraction", d.max_skip_fraction, "use a fraction in [0, 1)")
-        _choice("model.heads", self.model.heads, ("merged", "separate"))
+        require_choice("model.heads", self.model.heads, ("merged", "separate"))
         if self.model.heads == "separate":
             if d.val:
-                _bad("data.val", d.val, "with model.heads=separate list one val set per data.train entry in "
+                bad_value("data.val", d.val, "with model.heads=separate list one val set per data.train entry in "
                      "data.val_sets instead (each is scored with its own head)")
             if d.val_sets and len(d.val_sets) != len(d.train):
-                _bad("data.val_sets", d.val_sets, f"with model.heads=separate give one per data.train entry "
+                bad_value("data.val_sets", d.val_sets, f"with model.heads=separate give one per data.train entry "
                      f"({len(d.train)}), in the same order")
         if t.task_weights and (self.model.heads != "separate" or len(t.task_weights) != len(d.train)):
-            _bad("train.task_weights", t.task_weights, f"needs model.heads=separate and one weight per data.train "
+            bad_value("train.task_weights", t.task_weights, f"needs model.heads=separate and one weight per data.train "
                  f"entry ({len(d.train)})")
         if any(w <= 0 for w in t.task_weights):
-            _bad("train.task_weights", t.task_weights, "weights must be > 0")
-        _positive("train.collective_timeout_s", t.collective_timeout_s)
-        _choice("train.compile_mode", t.compile_mode, ("default", "reduce-overhead", "max-autotune",
-                                                        "max-autotune-no-cudagraphs"))
-        _choice("transfer.strategy", self.transfer.strategy, ("linear_probe", "full", "last_n"))
-        _positive("transfer.last_n", self.transfer.last_n)
+            bad_value("train.task_weights", t.task_weights, "weights must be > 0")
+        require_positive("train.collective_timeout_s", t.collective_timeout_s)
+        if t.compile_mode is not None:  # null: the launcher's dynamo_mode (tldist.accelerate_env)
+            require_choice("train.compile_mode", t.compile_mode, COMPILE_MODES)
+        require_choice("transfer.strategy", self.transfer.strategy, ("linear_probe", "full", "last_n"))
+        require_positive("transfer.last_n", self.transfer.last_n)
         if not 0 < self.transfer.layer_decay <= 1:
-            _bad("transfer.layer_decay", self.transfer.layer_decay, "use a value in (0, 1]")
-        _choice("optim.name", o.name, ("sgd", "adamw", "lamb", "lars"))
-        _positive("optim.lr", o.lr)
-        _positive("optim.lr_ref_batch", o.lr_ref_batch)
-        _at_least("optim.weight_decay", o.weight_decay, 0)
-        _choice("train.mixed_precision", t.mixed_precision, ("no", "bf16", "fp16"))
-        _positive("train.epochs", t.epochs)
-        _positive("train.grad_accum", t.grad_accum)
-        _positive("train.log_every_steps", t.log_every_steps)
+            bad_value("transfer.layer_decay", self.transfer.layer_decay, "use a value in (0, 1]")
+        require_choice("optim.name", o.name, ("sgd", "adamw", "lamb", "lars"))
+        require_positive("optim.lr", o.lr)
+        require_at_least("optim.lr_ref_batch", o.lr_ref_batch, 0)
+        require_choice("optim.lr_scaling", o.lr_scaling, ("linear", "sqrt", "auto"))
+        require_at_least("optim.weight_decay", o.weight_decay, 0)
+        if t.mixed_precision is not None:  # null: the launcher's choice (tldist.accelerate_env)
+            require_choice("train.mixed_precision", t.mixed_precision, PRECISIONS)
+        require_positive("train.epochs", t.epochs)
+        if t.grad_accum is not None:
+            require_positive("train.grad_accum", t.grad_accum)
+        require_at_least("train.global_batch_size", t.global_batch_size, 0)
+        require_at_least("train.peak_tflops", t.peak_tflops, 0)
+        require_positive("train.log_every_steps", t.log_every_steps)
         if not 0 <= t.label_smoothing < 1:
-            _bad("train.label_smoothing", t.label_smoothing, "use a value in [0, 1)")
-        _at_least("train.mixup_alpha", t.mixup_alpha, 0)
-        _at_least("train.cutmix_alpha", t.cutmix_alpha, 0)
+            bad_value("train.label_smoothing", t.label_smoothing, "use a value in [0, 1)")
+        require_at_least("train.mixup_alpha", t.mixup_alpha, 0)
+        require_at_least("train.cutmix_alpha", t.cutmix_alpha, 0)
         for key, value in (("train.mixup_prob", t.mixup_prob), ("train.mixup_switch_prob", t.mixup_switch_prob)):
             if not 0 <= value <= 1:
-                _bad(key, value, "use a probability in [0, 1]")
+                bad_value(key, value, "use a probability in [0, 1]")
         if t.mixup_alpha > 0 or t.cutmix_alpha > 0:
             if d.batch_size % 2:
-                _bad("data.batch_size", d.batch_size, "Mixup/CutMix mix each batch with its reverse and need an even "
+                bad_value("data.batch_size", d.batch_size, "Mixup/CutMix mix each batch with its reverse and need an even "
                      "batch: use an even data.batch_size or set train.mixup_alpha=0 train.cutmix_alpha=0")
             if self.model.heads == "separate":
-                _bad("train.mixup_alpha" if t.mixup_alpha > 0 else "train.cutmix_alpha",
+                bad_value("train.mixup_alpha" if t.mixup_alpha > 0 else "train.cutmix_alpha",
                      max(t.mixup_alpha, t.cutmix_alpha), "Mixup/CutMix would mix images of different tasks: "
                      "use model.heads=merged or turn them off (0)")
+        for key, value in (("model.checkpoint_weights", self.model.checkpoint_weights),
+                           ("distill.teacher_weights", self.distill.teacher_weights)):
+            if value is not None and value not in ("raw", "ema"):
+                bad_value(key, value, "use raw (the trained weights), ema (their moving average) or null (the "
+                          "ones the run judged best)")
         if self.model.drop_path_rate is not None and not 0 <= self.model.drop_path_rate < 1:
-            _bad("model.drop_path_rate", self.model.drop_path_rate, "use a probability in [0, 1), or null for "
+            bad_value("model.drop_path_rate", self.model.drop_path_rate, "use a probability in [0, 1), or null for "
                  "the architecture's default")
         if not 0 <= t.ema_decay < 1:
-            _bad("train.ema_decay", t.ema_decay, "use 0 (off) or a decay in (0, 1) such as 0.999")
-        _positive("train.ema_warmup_power", t.ema_warmup_power)
-        _choice("checkpoint.best_metric", self.checkpoint.best_metric, ("eval/top1", "eval_ema/top1"))
+            bad_value("train.ema_decay", t.ema_decay, "use 0 (off) or a decay in (0, 1) such as 0.999")
+        require_positive("train.ema_warmup_power", t.ema_warmup_power)
+        require_choice("checkpoint.best_metric", self.checkpoint.best_metric, ("eval/top1", "eval_ema/top1"))
         if self.checkpoint.best_metric.startswith("eval_ema/") and not t.ema_decay:
-            _bad("checkpoint.best_metric", self.checkpoint.best_metric, "needs train.ema_decay > 0 (e.g. 0.999), "
+            bad_value("checkpoint.best_metric", self.checkpoint.best_metric, "needs train.ema_decay > 0 (e.g. 0.999), "
                  "or use eval/top1")
-        _at_least("checkpoint.keep_last", self.checkpoint.keep_last, 1)
-        _choice("tracker.backend", self.tracker.backend, ("wandb", "none"))
-        _choice("tracker.mode", self.tracker.mode, ("offline", "online", "disabled"))
+        require_at_least("checkpoint.keep_last", self.checkpoint.keep_last, 1)
+        require_choice("tracker.backend", self.tracker.backend, ("wandb", "none"))
+        require_choice("tracker.mode", self.tracker.mode, ("offline", "online", "disabled"))
+        require_choice("tracker.log_model", self.tracker.log_model, ("false", "true", "all"))
+        require_at_least("eval.confusion_max_classes", self.eval.confusion_max_classes, 0)
+        require_at_least("eval.top_confused", self.eval.top_confused, 0)
+        val_set_entries(d.val_sets)
         if not 0 <= self.distill.alpha <= 1:
-            _bad("distill.alpha", self.distill.alpha, "use a weight in [0, 1] (1: soft targets only, 0: labels only)")
-        _positive("distill.temperature", self.distill.temperature)
+            bad_value("distill.alpha", self.distill.alpha, "use a weight in [0, 1] (1: soft targets only, 0: labels only)")
+        require_positive("distill.temperature", self.distill.temperature)
         if self.distill.teacher and not Path(self.distill.teacher).expanduser().exists():
-            _bad("distill.teacher", self.distill.teacher, "it does not exist; give a tldist export dir, a checkpoint "
+            bad_value("distill.teacher", self.distill.teacher, "it does not exist; give a tldist export dir, a checkpoint "
                  "dir (step_*) or a training run's output dir")
         if self.distill.teacher and self.model.heads == "separate":
-            _bad("distill.teacher", self.distill.teacher, "distillation needs one head (model.heads=merged)")
+            bad_value("distill.teacher", self.distill.teacher, "distillation needs one head (model.heads=merged)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _bad(key: str, value: Any, hint: str) -> None:
+PRECISIONS = ("no", "bf16", "fp16")
+"""``train.mixed_precision`` values: fp32, or autocast to bfloat16 / float16."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``train.compile_mode`` values (``torch.compile(mode=...)``)."""
+
+
+def timm_flags() -> list[tuple[str, str]]:
+    """``(config key, timm train.py flag)`` for every key whose field declares ``metadata={"timm": ...}``, in
+    the order of :class:`JobConfig` (the one source of the table in ``tldist train --help``)."""
+    rows: list[tuple[str, str]] = []
+
+    def walk(cls: Any, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if "timm" in f.metadata:
+                rows.append((prefix + f.name, f.metadata["timm"]))
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                walk(f.default_factory, f"{prefix}{f.name}.")
+
+    walk(JobConfig, "")
+    return rows
+
+
+def bad_value(key: str, value: Any, hint: str) -> None:
+    """Raise the one-line :class:`ConfigError` of a bad value: ``config key 'k' has bad value v: hint``."""
     raise ConfigError(f"config key '{key}' has bad value {value!r}: {hint}")
 
 
-def _positive(key: str, value: float) -> None:
+def require_positive(key: str, value: float) -> None:
+    """:func:`bad_value` unless ``value`` > 0."""
     if value <= 0:
-        _bad(key, value, "must be > 0")
+        bad_value(key, value, "must be > 0")
 
 
-def _at_least(key: str, value: float, low: float) -> None:
+def require_at_least(key: str, value: float, low: float) -> None:
+    """:func:`bad_value` unless ``value`` >= ``low``."""
     if value < low:
-        _bad(key, value, f"must be >= {low}")
+        bad_value(key, value, f"must be >= {low}")
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """:func:`bad_value` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        _bad(key, value, f"choose one of {', '.join(choices)}")
+        bad_value(key, value, f"choose one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ValSet:
+    """One ``data.val_sets`` entry, read by :func:`val_set_entries`."""
+
+    path: str
+    """The shard set's manifest location."""
+    restrict_classes: bool = False
+    """Score only the set's own classes: the model's other outputs are masked to -inf before top-k and the
+    loss (the ImageNet-R/-A protocol; timm's ``validate.py --valid-labels`` slices them out, the same result)."""
+    class_map: Optional[str] = None
+    """File mapping the set's class names to the model's (:func:`tldist.data.class_map.read_class_map`)."""
+    key: str = "data.val_sets"
+    """The config key of the entry, for messages (``data.val_sets[2]``)."""
+
+
+_VAL_SET_KEYS = ("path", "restrict_classes", "class_map")
+
+
+def val_set_entries(val_sets: list[Any]) -> list[ValSet]:
+    """The ``data.val_sets`` entries as :class:`ValSet`: a string is a plain set, a mapping has ``path`` and
+    optionally ``restrict_classes`` (bool) and ``class_map`` (an existing file). Raises :class:`ConfigError`
+    naming ``data.val_sets[i]`` for any other shape."""
+    out = []
+    for i, entry in enumerate(val_sets):
+        key = f"data.val_sets[{i}]"
+        if isinstance(entry, str):
+            out.append(ValSet(entry, key=key))
+            continue
+        if not isinstance(entry, dict):
+            bad_value(key, entry, "give a shard set location or a mapping {path: LOCATION, restrict_classes: true, "
+                      "class_map: FILE}")
+        unknown = sorted(set(map(str, entry)) - set(_VAL_SET_KEYS))
+        if unknown:
+            bad_value(key, entry, f"unknown key(s) {', '.join(unknown)}: use {', '.join(_VAL_SET_KEYS)}")
+        path, restrict, class_map = entry.get("path"), entry.get("restrict_classes", False), entry.get("class_map")
+        if not isinstance(path, str) or not path:
+            bad_value(f"{key}.path", path, "give the shard set's manifest location")
+        if not isinstance(restrict, bool):
+            bad_value(f"{key}.restrict_classes", restrict, "use true or false")
+        if class_map is not None and (not isinstance(class_map, str) or not Path(class_map).expanduser().is_file()):
+            bad_value(f"{key}.class_map", class_map, "not a file: give a .txt (one set class per line, line i = "
+                      "model output i, timm's --class-map) or a .json {set class: model class}")
+        out.append(ValSet(path, restrict, class_map, key=key))
+    return out
+
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

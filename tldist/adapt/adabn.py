@@ -31,11 +31,18 @@ import time
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from tldist.adapt import LoadedModel, check_out_dir, init_distributed, load_model, on_main, write_export
+from tldist.artifacts.export import check_out_dir, write_export
+from tldist.artifacts.resolve import LoadedModel, load_model
+from tldist.config import DataConfig
+from tldist.data.manifest import load_manifest
+from tldist.data.pipeline import build_eval_loader
+from tldist.data.stream import slot_range
+from tldist.data.transforms import Normalizer, preprocess_crop_pct
 from tldist.errors import ConfigError, DataError, UserError
+from tldist.evaluate import score
+from tldist.world import all_reduce_, gather_objects, run_on_main, setup_logging, start_world, world_of
 
 log = logging.getLogger("tldist")
 
@@ -106,8 +113,6 @@ class TargetBatches:
         self.samples = 0
 
     def _raw(self) -> Iterator[torch.Tensor]:
-        from tldist.data.stream import slot_range
-
         ds = self.loader.dataset
         total = ds.source.num_samples
         ranges = [slot_range(total, ds.rank * ds.workers + j, ds.num_slots) for j in range(ds.workers)]
@@ -145,12 +150,6 @@ class TargetBatches:
         self.samples, self.cache = samples, cache
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 def _set_stats(bn: nn.modules.batchnorm._BatchNorm, moments: Moments, batches: int) -> float:
     mean, var, n = moments.mean_var()
     bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
@@ -185,8 +184,8 @@ def estimate_population(model: nn.Module, layers: dict[str, nn.Module], order: l
                     pass
         finally:
             hook.remove()
-        _all_reduce(moments.sums)
-        batches = int(_all_reduce(torch.tensor([batches], device=device)).item())
+        all_reduce_(moments.sums)
+        batches = int(all_reduce_(torch.tensor([batches], device=device)).item())
         if moments.sums[-1] > 0:
             counts[name] = _set_stats(bn, moments, batches)
     return counts
@@ -217,8 +216,8 @@ def estimate_batch(model: nn.Module, layers: dict[str, nn.Module], data: TargetB
             h.remove()
         for name, bn in layers.items():
             bn.momentum, bn.training = saved[name], False
-    flat = _all_reduce(torch.cat([m.sums for m in moments.values()]))
-    batches, small = (int(v) for v in _all_reduce(torch.tensor([batches, small], device=device)).tolist())
+    flat = all_reduce_(torch.cat([m.sums for m in moments.values()]))
+    batches, small = (int(v) for v in all_reduce_(torch.tensor([batches, small], device=device)).tolist())
     if small:
         log.warning("adabn (batch mode): skipped %d batch(es) with fewer than 2 valid samples", small)
     counts, offset = {}, 0
@@ -238,32 +237,21 @@ def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, normalize, num_classes: int, device) -> dict[str, Any]:
-    """Top-1/top-5 of ``model`` on a labelled loader, exact across ranks (call on every rank)."""
-    from tldist.train.metrics import EvalAccumulator
-
+    """Top-1/top-5 of ``model`` on a labelled loader, exact across ranks (call on every rank; :func:`tldist.evaluate.score`)."""
     model.eval()
-    acc = EvalAccumulator(num_classes, device)
-    for batch in loader:
-        acc.update(model(normalize(batch["image"].to(device))), batch["label"].to(device), batch["mask"].to(device))
-    r = acc.compute()
+    r = score(model, loader, normalize=normalize, num_classes=num_classes, device=device)
     return {"top1": r["top1"], "top5": r["top5"], "count": r["count"]}
 
 
 def adabn(model: str, target: str, out: str, *, mode: str = "population", batches: int = 0, batch_size: int = 64,
-          num_workers: int = 1, val: Optional[str] = None) -> dict[str, Any]:
+          num_workers: int = 1, val: Optional[str] = None, weights: Optional[str] = None) -> dict[str, Any]:
     """Adapt the BN statistics of ``model`` to ``target`` shards and export it to ``out``.
 
     Call on every rank. ``batches`` > 0 uses only the first ``batches * batch_size`` target samples.
     With ``val`` (a labelled shard set in the model's classes) top-1 before and after is reported.
-    Returns a summary (identical on every rank).
+    ``weights``: ``raw`` or ``ema`` of a checkpoint or run (default: what it judged best). Returns a
+    summary (identical on every rank).
     """
-    from tldist.config import DataConfig
-    from tldist.data.manifest import load_manifest
-    from tldist.data.pipeline import build_eval_loader
-    from tldist.data.transforms import Normalizer, preprocess_crop_pct
-    from tldist.train.checkpoint import gather_objects
-    from tldist.train.distributed import world_of
-
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r} is unknown: choose one of {', '.join(MODES)}")
     if batches < 0 or batch_size < 1 or num_workers < 0:
@@ -274,9 +262,12 @@ def adabn(model: str, target: str, out: str, *, mode: str = "population", batche
     if manifest.num_samples == 0:
         raise DataError(f"--target '{target}' holds no samples (its manifest counts 0): "
                         "point it at a non-empty shard set")
-    accelerator = init_distributed()
+    accelerator = start_world()
+    setup_logging(accelerator.is_main_process)
     world, device, t0 = world_of(accelerator), accelerator.device, time.perf_counter()
-    loaded: LoadedModel = load_model(model)
+    loaded: LoadedModel = load_model(model, weights=weights, single_head="adaptation")
+    if accelerator.is_main_process:
+        log.info("adabn --model %s: %s", model, loaded.artifact.describe())
     net = loaded.model.to(device).eval()
     layers = bn_layers(net)
     if not layers:
@@ -289,7 +280,8 @@ def adabn(model: str, target: str, out: str, *, mode: str = "population", batche
     loader = build_eval_loader(data_cfg, world, image_size=size, interpolation=interp, crop_pct=crop_pct,
                                location=target)
     data = TargetBatches(loader, normalize, device, limit=batches * batch_size)
-    summary: dict[str, Any] = {"model": loaded.path, "model_kind": loaded.kind, "target": str(target), "mode": mode,
+    summary: dict[str, Any] = {"model": loaded.path, "model_kind": loaded.kind, "weights": loaded.artifact.describe(),
+                               "target": str(target), "mode": mode,
                                "bn_layers": len(layers), "world_size": world.world_size, "out": str(out)}
     val_loader = None
     if val:
@@ -304,7 +296,7 @@ def adabn(model: str, target: str, out: str, *, mode: str = "population", batche
         counts = estimate_population(net, layers, execution_order(net, layers, size, device), data, device)
     else:
         counts = estimate_batch(net, layers, data, device)
-    samples = int(_all_reduce(torch.tensor([data.samples], device=device)).item())
+    samples = int(all_reduce_(torch.tensor([data.samples], device=device)).item())
     if samples == 0:
         raise DataError(f"none of the samples of --target '{target}' could be decoded; check it with "
                         "'tldist shards verify'")
@@ -323,8 +315,7 @@ def adabn(model: str, target: str, out: str, *, mode: str = "population", batche
 
     meta = {**loaded.meta, "adapted_from": loaded.path,
             "adabn": {k: summary[k] for k in ("target", "mode", "samples", "layers_adapted", "world_size")}}
-    on_main(lambda: str(write_export(net.cpu(), meta, out, extra={"adabn.json": summary})),
-            is_main=accelerator.is_main_process)
+    run_on_main(lambda: str(write_export(net.cpu(), meta, out, extra={"adabn.json": summary})))
     accelerator.wait_for_everyone()
     return summary
 

@@ -13,7 +13,6 @@ machine takes about a second against tens of seconds for the ``torch.export`` ba
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,11 +20,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from tldist.compress import (eval_inputs, file_mb, from_rank0, load_export, log, script_bytes,
-                             shard_batches, start_world, write_json, check_shards)
+from tldist.artifacts.export import atomic_dir, check_out_dir, check_shards, write_json
+from tldist.artifacts.layout import MODEL_RECORD
+from tldist.artifacts.resolve import load_model
+from tldist.compress.measure import file_mb, load_script, log, script_bytes
 from tldist.errors import UserError
-from tldist.export import atomic_dir
-from tldist.world import World
+from tldist.evaluate import record_normalizer, shard_loader
+from tldist.world import World, run_on_main, start_world, world_of
 
 FORMATS = ("torchscript", "onnx")
 FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
@@ -42,9 +43,9 @@ def check_inputs(meta: dict[str, Any], val: Optional[str], *, batch_sizes: tuple
     size = int(meta["preprocess"]["image_size"])
     need = sum(batch_sizes)
     if val:
-        normalize = eval_inputs(meta, "cpu")  # exported files are checked on the CPU
+        normalize = record_normalizer(meta, "cpu")  # exported files are checked on the CPU
         images: list[torch.Tensor] = []
-        for batch in shard_batches(val, meta, World(), batch_size=need, num_workers=num_workers):
+        for batch in shard_loader(val, meta, World(), batch_size=need, num_workers=num_workers):
             images.append(batch["image"][batch["mask"]])
             if sum(len(i) for i in images) >= need:
                 break
@@ -74,8 +75,6 @@ def compare(reference: nn.Module, candidate: Callable[[torch.Tensor], torch.Tens
 
 def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
     """Trace ``model`` to ``path``; returns the module loaded back from the file."""
-    from tldist.compress import load_script
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model.eval(), example, check_trace=False)
@@ -106,24 +105,25 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int =
 
 
 def export_formats(export_dir: str, out: str, *, formats: tuple[str, ...] = FORMATS, val: Optional[str] = None,
-                   atol: float = 1e-4, num_workers: int = 1) -> dict[str, Any]:
+                   atol: float = 1e-4, num_workers: int = 1, weights: Optional[str] = None) -> dict[str, Any]:
     """Write and verify ``formats`` of an export directory into ``out`` (call on every rank; rank 0 writes).
 
     Returns the report (also ``out/formats.json``). Raises :class:`ExportMismatch` when a file's
-    outputs differ from the eager model's by more than ``atol``.
+    outputs differ from the eager model's by more than ``atol``. ``export_dir`` is any model path
+    (:func:`tldist.artifacts.resolve.load_model`; ``weights``: raw or ema of a checkpoint or run).
     """
-    from tldist.adapt import check_out_dir
-
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise UserError(f"--formats has bad value {','.join(formats)}: choose from {', '.join(FORMATS)}")
     if atol <= 0:
         raise UserError(f"--atol has bad value {atol}: must be > 0")
     check_out_dir(out, {"the export directory": export_dir})
-    model, meta, _ = load_export(export_dir)
+    loaded = load_model(export_dir, weights=weights, flag="MODEL", single_head="tldist compress")
+    model, meta = loaded.model, loaded.meta
     if val:
         check_shards(val, meta, export_dir, "val")
-    world, _ = start_world()
+    world = world_of(start_world())
+    log(world, f"{export_dir}: {loaded.artifact.describe()}")
 
     def build() -> dict[str, Any]:
         inputs = check_inputs(meta, val, num_workers=num_workers)
@@ -144,8 +144,8 @@ def export_formats(export_dir: str, out: str, *, formats: tuple[str, ...] = FORM
                                          f"{check['top1_agreement']:.3f}); the file was not kept")
                 log(world, f"{fmt}: {FILES[fmt]} {check['size_mb']} MB, max |diff| {check['max_abs_diff']:.2e}, "
                            f"top-1 agreement {check['top1_agreement']:.3f} on {check['samples']} inputs")
-            shutil.copy(Path(export_dir) / "model.json", tmp / "model.json")
+            write_json(tmp / MODEL_RECORD, meta)
             write_json(tmp / REPORT, report)
         return report
 
-    return from_rank0(build)
+    return run_on_main(build)

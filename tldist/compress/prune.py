@@ -25,12 +25,19 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+import torch.distributed as dist
 from torch.nn.utils import prune
 
-from tldist.compress import (REPORT_FILE, check_shards, compressed_mb, evaluate, file_mb, load_export, log,
-                             start_world, sync_state, write_export)
+from tldist.artifacts.export import check_out_dir, check_shards, write_export, write_json
+from tldist.artifacts.resolve import load_model, weights_bytes
+from tldist.compress.measure import REPORT_FILE, compressed_mb, file_mb, log
+from tldist.compress.structured import PRUNED_KEY, apply_channel_pruning, describe, pruning_record
+from tldist.config import DataConfig
+from tldist.data.pipeline import build_train_loader
 from tldist.errors import UserError
-from tldist.world import World
+from tldist.evaluate import evaluate_shards, record_normalizer
+from tldist.train.distill import distillation_loss
+from tldist.world import World, broadcast_module_state, multi_process, start_world, world_of
 
 
 def prunable_layers(model: nn.Module, head: list[str], *, include_head: bool = False,
@@ -97,11 +104,6 @@ def finetune(model: nn.Module, meta: dict[str, Any], train: str, *, steps: int, 
     ``alpha * T^2 * KL + (1 - alpha) * cross-entropy``, ``T = temperature``). Returns the first and
     last losses on rank 0 (mean of 10 steps).
     """
-    from tldist.compress import eval_inputs
-    from tldist.config import DataConfig
-    from tldist.data.pipeline import build_train_loader
-    from tldist.train.distill import distillation_loss
-
     if teacher is not None:
         teacher.eval()
 
@@ -110,7 +112,7 @@ def finetune(model: nn.Module, meta: dict[str, Any], train: str, *, steps: int, 
                      train_crop_scale=[0.8, 1.0], hflip=hflip, pin_memory=False)
     loader = build_train_loader(cfg, world, image_size=int(pre["image_size"]),
                                 interpolation=pre.get("interpolation", "bilinear"))
-    normalize = eval_inputs(meta, device)
+    normalize = record_normalizer(meta, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -148,9 +150,7 @@ def finetune(model: nn.Module, meta: dict[str, Any], train: str, *, steps: int, 
 @torch.no_grad()
 def params_agree(params: list[nn.Parameter]) -> bool:
     """True when every rank holds the same parameter values (call on every rank)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_process():
         return True
     digest = torch.stack([p.detach().double().sum() for p in params] + [p.detach().double().abs().sum() for p in params])
     gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
@@ -160,9 +160,7 @@ def params_agree(params: list[nn.Parameter]) -> bool:
 
 def average_gradients(params: list[nn.Parameter]) -> None:
     """Average ``.grad`` over ranks with one flat all-reduce (a no-op for one process; call on every rank)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_process():
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -178,7 +176,8 @@ def average_gradients(params: list[nn.Parameter]) -> None:
 def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, structured: bool = False, norm: int = 1,
                  include_head: bool = False, train: Optional[str] = None, finetune_steps: int = 0, lr: float = 0.01,
                  batch_size: int = 32, num_workers: int = 1, hflip: bool = False, round_to: int = 8,
-                 distill: bool = False, alpha: float = 0.5, temperature: float = 4.0) -> dict[str, Any]:
+                 distill: bool = False, alpha: float = 0.5, temperature: float = 4.0,
+                 weights: Optional[str] = None) -> dict[str, Any]:
     """Prune an export directory into ``out`` (call on every rank); returns the report (also ``out/report.json``).
 
     Unstructured: ``sparsity`` is the fraction of weights zeroed (shapes kept). ``structured``: the
@@ -187,6 +186,8 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
     ``model.json``. Accuracy on ``val`` is measured exactly across ranks before pruning, after pruning
     and (with ``finetune_steps``) after recovery; the fine-tune is data-parallel over the ranks, and
     with ``distill`` it learns from the unpruned model's soft targets (``alpha``, ``temperature``).
+    ``export_dir`` is any model path (:func:`tldist.artifacts.resolve.load_model`; ``weights``: raw or
+    ema of a checkpoint or run). A model pruned before keeps its record and is pruned further.
     """
     if structured and not 0.0 < sparsity < 1.0:
         raise UserError(f"--sparsity has bad value {sparsity}: with --structured give the fraction of channels to "
@@ -206,14 +207,15 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
         raise UserError("--include-head does not apply to --structured: removing head outputs would drop classes")
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise UserError(f"--alpha {alpha} / --temperature {temperature}: need 0 <= alpha <= 1 and temperature > 0")
-    from tldist.adapt import check_out_dir
-
     check_out_dir(out, {"the export directory": export_dir})
-    model, meta, head = load_export(export_dir)
+    loaded = load_model(export_dir, weights=weights, flag="MODEL", single_head="tldist compress")
+    model, meta, head = loaded.model, loaded.meta, list(loaded.info.head)
     check_shards(val, meta, export_dir, "val")
     if finetune_steps:
         check_shards(train, meta, export_dir, "train", same_order=True)
-    world, device = start_world()
+    accelerator = start_world()
+    world, device = world_of(accelerator), accelerator.device
+    log(world, f"{export_dir}: {loaded.artifact.describe()}")
     model.to(device)
     teacher = None
     if distill:
@@ -226,7 +228,7 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
                         + ("" if include_head else " outside its head (try --include-head)"))
 
     def ev(m: nn.Module) -> dict[str, Any]:
-        return evaluate(m, meta, val, world, device=device, batch_size=2 * batch_size, num_workers=num_workers)
+        return evaluate_shards(m, meta, val, world, device=device, batch_size=2 * batch_size, num_workers=num_workers)
 
     method = f"structured-l{norm}-channels-removed" if structured else "global-unstructured-l1"
     log(world, f"{meta['model']}: evaluating the unpruned model on {val}")
@@ -234,8 +236,6 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
     log(world, f"baseline top-1 {baseline['top1']:.2f}%  ({baseline['count']} samples)")
     pruning = None
     if structured:
-        from tldist.compress.structured import apply_channel_pruning, describe
-
         size = int(meta["preprocess"]["image_size"])
         example = torch.randn(1, 3, size, size, device=device)
         pruning = apply_channel_pruning(model, head, example, ratio=sparsity, norm=norm,
@@ -246,7 +246,7 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
     else:
         apply_unstructured(layers, sparsity)
         stats = sparsity_report(model, layers)
-    sync_state(model)
+    broadcast_module_state(model)
     pruned = ev(model)
     if structured:
         log(world, f"{method} ratio {sparsity:.2f}: {describe(pruning)}; top-1 {pruned['top1']:.2f}%")
@@ -258,7 +258,7 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
         tune = finetune(model, meta, train, steps=finetune_steps, lr=lr, batch_size=batch_size,
                         num_workers=num_workers, device=device, hflip=hflip, world=world, teacher=teacher,
                         alpha=alpha, temperature=temperature)
-        sync_state(model)
+        broadcast_module_state(model)
         recovered = ev(model)
         log(world, f"after {finetune_steps} recovery steps{' (distilled)' if distill else ''}: "
                    f"top-1 {recovered['top1']:.2f}%")
@@ -275,17 +275,25 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
     if world.is_main:
         keys = ("method", "target_sparsity", "include_head", "top1_delta") + (() if structured else ("sparsity",))
         new_meta = {**meta, "compression": {k: report[k] for k in keys}, "source_export": report["source"]}
-        if structured:
-            from tldist.compress.structured import META_KEY, pruning_record
-
-            new_meta[META_KEY] = pruning_record(pruning, ratio=sparsity, norm=norm, round_to=round_to)
+        new_meta.pop("step", None)
+        if structured:  # a model pruned before: its widths are the record's, then these changes
+            before = (meta.get(PRUNED_KEY) or {}).get("modules") or {}
+            record = pruning_record(pruning, ratio=sparsity, norm=norm, round_to=round_to)
+            record["modules"] = _merge_shapes(before, record["modules"])
+            new_meta[PRUNED_KEY] = record
         write_export(model, new_meta, out, extra={REPORT_FILE: report})
         weights = Path(out) / "model.safetensors"
+        source = weights_bytes(loaded.artifact)
         report["size_mb"] = {"safetensors": file_mb(weights), "zlib": compressed_mb(weights),
-                             "source": file_mb(Path(export_dir) / "model.safetensors"),
-                             "source_zlib": compressed_mb(Path(export_dir) / "model.safetensors")}
-        from tldist.compress import write_json
-
+                             "source": file_mb(source), "source_zlib": compressed_mb(source)}
         write_json(Path(out) / REPORT_FILE, report)
         log(world, f"wrote {out} (model.safetensors + model.json + {REPORT_FILE})")
     return report
+
+
+def _merge_shapes(before: dict[str, dict[str, Any]], changed: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Shape attributes of a model pruned twice: the earlier record, updated by the new changes."""
+    merged = {name: dict(attrs) for name, attrs in before.items()}
+    for name, attrs in changed.items():
+        merged.setdefault(name, {}).update(attrs)
+    return merged

@@ -35,12 +35,13 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from tldist.compress import (INT8_FILE, REPORT_FILE, check_shards, evaluate, file_mb, from_rank0, load_export,
-                             load_script, log, measure_latency, script_bytes, shard_batches, start_world,
-                             write_json, eval_inputs)
+from tldist.artifacts.layout import MODEL_RECORD
+from tldist.artifacts.export import INT8_FILE, atomic_dir, check_out_dir, check_shards, write_json
+from tldist.artifacts.resolve import load_model, weights_bytes
+from tldist.compress.measure import REPORT_FILE, file_mb, load_script, log, measure_latency, script_bytes
 from tldist.errors import UserError
-from tldist.export import atomic_dir
-from tldist.world import World
+from tldist.evaluate import evaluate_shards, record_normalizer, shard_loader
+from tldist.world import World, run_on_main, start_world, world_of
 
 METHODS = ("static", "dynamic")
 
@@ -57,9 +58,9 @@ def _quiet() -> Iterator[None]:
 def calibration_batches(location: str, meta: dict[str, Any], *, batches: int, batch_size: int,
                         num_workers: int) -> list[torch.Tensor]:
     """Up to ``batches`` normalized image batches from the shard set ``location`` (this process reads all shards)."""
-    normalize = eval_inputs(meta, "cpu")  # int8 calibration runs on the CPU
+    normalize = record_normalizer(meta, "cpu")  # int8 calibration runs on the CPU
     out: list[torch.Tensor] = []
-    for batch in shard_batches(location, meta, World(), batch_size=batch_size, num_workers=num_workers):
+    for batch in shard_loader(location, meta, World(), batch_size=batch_size, num_workers=num_workers):
         images = batch["image"][batch["mask"]]
         if images.numel():
             out.append(normalize(images))
@@ -158,14 +159,14 @@ def _int8_archive_meta(f: Path) -> dict[str, Any]:
 
 def quantize_export(export_dir: str, out: str, *, val: str, calib: Optional[str] = None, method: str = "static",
                     calib_batches: int = 8, batch_size: int = 32, num_workers: int = 1, latency_runs: int = 20,
-                    threads: int = 1, backend: str = "x86") -> dict[str, Any]:
+                    threads: int = 1, backend: str = "x86", weights: Optional[str] = None) -> dict[str, Any]:
     """Quantize an export directory into ``out`` (call on every rank); returns the report (also ``out/report.json``).
 
     fp32 and int8 top-1 on ``val`` are exact across ranks; latency (rank 0, ``threads`` CPU
     threads, batch 1 and 32, runs interleaved) compares fp32 eager, fp32 TorchScript and int8.
+    ``export_dir`` is any model path (:func:`tldist.artifacts.resolve.load_model`; ``weights``: raw or
+    ema of a checkpoint or run).
     """
-    from tldist.adapt import check_out_dir
-
     if method not in METHODS:
         raise UserError(f"--method has bad value '{method}': choose one of {', '.join(METHODS)}")
     if calib_batches <= 0:
@@ -174,11 +175,13 @@ def quantize_export(export_dir: str, out: str, *, val: str, calib: Optional[str]
         raise UserError("--method static needs --calib SHARDS: a shard set (e.g. the train split) to observe "
                         "activation ranges on")
     check_out_dir(out, {"the export directory": export_dir})
-    model, meta, _ = load_export(export_dir)
+    loaded = load_model(export_dir, weights=weights, flag="MODEL", single_head="tldist compress")
+    model, meta = loaded.model, loaded.meta
     check_shards(val, meta, export_dir, "val")
     if calib:
         check_shards(calib, meta, export_dir, "calibration")
-    world, device = start_world()
+    world = world_of(start_world())
+    log(world, f"{export_dir}: {loaded.artifact.describe()}")
     size = int(meta["preprocess"]["image_size"])
 
     def build() -> bytes:
@@ -194,11 +197,11 @@ def quantize_export(export_dir: str, out: str, *, val: str, calib: Optional[str]
         ts = to_torchscript(qmodel, example)
         return script_bytes(ts, {"model.json": json.dumps(int8_meta(meta, method, export_dir))})
 
-    data = from_rank0(build)  # rank 0 quantizes; every rank gets the same bytes
+    data = run_on_main(build)  # rank 0 quantizes; every rank gets the same bytes
     qmodel = load_script(data)
     log(world, f"{method} int8 model built ({len(data) / 1e6:.2f} MB TorchScript); evaluating fp32 and int8 on {val}")
-    fp32 = evaluate(model, meta, val, world, device="cpu", batch_size=2 * batch_size, num_workers=num_workers)
-    int8 = evaluate(qmodel, meta, val, world, device="cpu", batch_size=2 * batch_size, num_workers=num_workers)
+    fp32 = evaluate_shards(model, meta, val, world, device="cpu", batch_size=2 * batch_size, num_workers=num_workers)
+    int8 = evaluate_shards(qmodel, meta, val, world, device="cpu", batch_size=2 * batch_size, num_workers=num_workers)
     log(world, f"top-1 fp32 {fp32['top1']:.2f}%  int8 {int8['top1']:.2f}%  ({fp32['count']} samples)")
     report: dict[str, Any] = {
         "command": "quantize", "source": str(Path(export_dir).resolve()), "model": meta["model"], "val": val,
@@ -215,7 +218,7 @@ def quantize_export(export_dir: str, out: str, *, val: str, calib: Optional[str]
         lat["int8_vs_fp32"] = {b: round(ms["int8"][b] / ms["fp32"][b], 3) for b in ms["fp32"]}
         lat["int8_vs_fp32_torchscript"] = {b: round(ms["int8"][b] / ms["fp32_torchscript"][b], 3) for b in ms["fp32"]}
         fp32_ts_bytes = script_bytes(fp32_ts)
-        report["size_mb"] = {"fp32_safetensors": file_mb(Path(export_dir) / "model.safetensors"),
+        report["size_mb"] = {"fp32_safetensors": file_mb(weights_bytes(loaded.artifact)),
                              "fp32_torchscript": round(len(fp32_ts_bytes) / 1e6, 3),
                              "int8_torchscript": round(len(data) / 1e6, 3)}
         report["size_ratio"] = round(len(data) / len(fp32_ts_bytes), 4)
@@ -236,6 +239,6 @@ def write_int8_dir(out: str | Path, data: bytes, meta: dict[str, Any], report: d
     """Write ``model_int8.pt`` + ``model.json`` + ``report.json`` atomically (main process only)."""
     with atomic_dir(out) as tmp:
         (tmp / INT8_FILE).write_bytes(data)
-        write_json(tmp / "model.json", meta)
+        write_json(tmp / MODEL_RECORD, meta)
         write_json(tmp / REPORT_FILE, report)
     return Path(out)

@@ -12,38 +12,23 @@ Saving and loading. torch-pruning's own ``tp.state_dict`` pickles whole module `
 which tldist never loads (:mod:`tldist.safeload`). Instead the export's ``model.json`` records, under
 ``structured_pruning.modules``, the shape attributes that pruning changed per module
 (``{"layer1.0.conv1": {"out_channels": 40}, "layer1.0.bn1": {"num_features": 40}, ...}``), and
-``model.safetensors`` holds the pruned tensors. :func:`apply_pruned_shapes` sets those attributes
-on a freshly built model and gives its parameters/buffers the saved shapes before the weights are
-loaded (:mod:`tldist.models.checkpoint_io` does this for every export that records them), so
-``predict``, ``eval``, ``compress quantize``/``export`` and ``model.checkpoint=`` accept a pruned model.
+``model.safetensors`` holds the pruned tensors. The record travels on with the model: a run fine-tuned
+from a pruned export (``model.checkpoint=``) writes it into every ``step_*`` checkpoint, and its
+exports keep it. :func:`tldist.models.checkpoint_io.apply_pruned_shapes` sets those attributes on a
+freshly built model before its weights are loaded (:mod:`tldist.artifacts.resolve` does this for
+every checkpoint and export that records them), so ``predict``, ``eval``, ``compress``,
+``distill.teacher=`` and ``model.checkpoint=`` accept a pruned model and its descendants.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from tldist.errors import UserError
-
-META_KEY = "structured_pruning"
-"""Key of ``model.json`` that records a structurally pruned model's new module shapes."""
-
-SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-               "normalized_shape", "num_channels", "embed_dim", "num_heads", "head_dim", "kdim", "vdim")
-"""Module attributes that describe tensor shapes (torch.nn and timm names) and that torch-pruning updates."""
-
-
-def _shape_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for name, m in model.named_modules():
-        attrs = {a: getattr(m, a) for a in SHAPE_ATTRS if isinstance(getattr(m, a, None), (int, tuple, list))}
-        if attrs:
-            out[name] = {a: list(v) if isinstance(v, tuple) else v for a, v in attrs.items()}
-    return out
-
+from tldist.models.checkpoint_io import PRUNED_KEY, shape_attrs
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (elements) of ``model``."""
@@ -71,7 +56,7 @@ def apply_channel_pruning(model: nn.Module, head: list[str], example: torch.Tens
     import torch_pruning as tp
 
     ignored = [model.get_submodule(h) for h in head]
-    before = _shape_attrs(model)
+    before = shape_attrs(model)
     was_training = model.training
     model.eval()
     try:
@@ -88,7 +73,7 @@ def apply_channel_pruning(model: nn.Module, head: list[str], example: torch.Tens
                         f"{first}): use unstructured pruning (without --structured) or another architecture") from None
     finally:
         model.train(was_training)
-    after = _shape_attrs(model)
+    after = shape_attrs(model)
     changed = {n: {a: v for a, v in attrs.items() if before.get(n, {}).get(a) != v} for n, attrs in after.items()}
     changed = {n: attrs for n, attrs in changed.items() if attrs}
     if params1 >= params0:
@@ -98,55 +83,8 @@ def apply_channel_pruning(model: nn.Module, head: list[str], example: torch.Tens
             "macs_before": int(macs0), "macs_after": int(macs1)}
 
 
-def recorded_shapes(meta_file: str | Path) -> dict[str, dict[str, Any]] | None:
-    """The pruned module shapes an export's ``model.json`` records (None when it records none);
-    :class:`UserError` naming the file when the record is malformed."""
-    from tldist.safeload import read_json
-
-    meta = read_json(meta_file, what="export metadata")
-    rec = meta.get(META_KEY) if isinstance(meta, dict) else None
-    if rec is None:
-        return None
-    modules = rec.get("modules") if isinstance(rec, dict) else None
-    if not isinstance(modules, dict) or not all(
-            isinstance(a, dict) and all(k in SHAPE_ATTRS for k in a) for a in modules.values()):
-        raise UserError(f"'{meta_file}' has a malformed '{META_KEY}.modules' record (module name -> "
-                        f"{{attribute: size}} with attributes among {', '.join(SHAPE_ATTRS)}): re-create the export "
-                        "with 'tldist compress prune --structured'")
-    return modules
-
-
-def apply_pruned_shapes(model: nn.Module, modules: dict[str, dict[str, Any]], state: dict[str, torch.Tensor],
-                        where: str) -> None:
-    """Give a freshly built ``model`` the pruned shapes recorded in ``modules``, in place.
-
-    Sets each module's shape attributes and replaces its own parameters/buffers that ``state``
-    (the saved weights) holds with uninitialised tensors of the saved shapes, ready for
-    ``load_state_dict``. ``where`` names the source in the :class:`UserError` raised for a module
-    the model does not have.
-    """
-    for name, attrs in modules.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise UserError(f"{where} records a pruned module '{name}' that the model does not have: "
-                            "set model.name to the architecture the export was pruned from") from None
-        for attr, value in attrs.items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-        prefix = f"{name}." if name else ""
-        for pname, p in list(module.named_parameters(recurse=False)):
-            saved = state.get(prefix + pname)
-            if saved is not None and saved.shape != p.shape:
-                setattr(module, pname, nn.Parameter(torch.empty(saved.shape, dtype=p.dtype), requires_grad=p.requires_grad))
-        for bname, b in list(module.named_buffers(recurse=False)):
-            saved = state.get(prefix + bname)
-            if b is not None and saved is not None and saved.shape != b.shape:
-                module.register_buffer(bname, torch.empty(saved.shape, dtype=b.dtype),
-                                       persistent=bname not in module._non_persistent_buffers_set)
-
-
 def pruning_record(stats: dict[str, Any], *, ratio: float, norm: int, round_to: int) -> dict[str, Any]:
-    """The ``model.json`` entry (:data:`META_KEY`) of a structurally pruned export."""
+    """The model record's entry (:data:`~tldist.models.checkpoint_io.PRUNED_KEY`) of a structurally pruned model."""
     return {"library": "torch-pruning", "pruner": "MetaPruner", "importance": f"magnitude-l{norm}", "ratio": ratio,
             "round_to": round_to, "modules": stats["modules"]}
 
@@ -157,5 +95,4 @@ def describe(stats: dict[str, Any]) -> str:
             f"{stats['macs_before'] / 1e6:.1f}M -> {stats['macs_after'] / 1e6:.1f}M")
 
 
-__all__ = ["META_KEY", "apply_channel_pruning", "apply_pruned_shapes", "recorded_shapes", "pruning_record",
-           "count_params", "describe"]
+__all__ = ["PRUNED_KEY", "apply_channel_pruning", "pruning_record", "count_params", "describe"]

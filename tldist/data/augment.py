@@ -39,6 +39,7 @@ import random
 import re
 from typing import Any, Iterator, Optional, Sequence
 
+from tldist.data.transforms import tv_interpolation
 from tldist.errors import ConfigError
 
 AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
@@ -115,9 +116,7 @@ def create_auto_augment(policy: str, *, image_size: int, mean: Sequence[float], 
     if policy == TRIVIAL_AUGMENT:
         from torchvision.transforms import v2
 
-        from tldist.data.transforms import _tv_mode
-
-        return v2.TrivialAugmentWide(interpolation=_tv_mode(interpolation), fill=fill)
+        return v2.TrivialAugmentWide(interpolation=tv_interpolation(interpolation), fill=fill)
     from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
 
     hparams = {"translate_const": int(image_size * 0.45), "img_mean": fill, "interpolation": _pil_interp(interpolation)}

@@ -28,6 +28,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from tldist.data.glyphs import render
 from tldist.data.manifest import Manifest, load_manifest
 from tldist.data.sources import Sample, SampleSource, encode_image, stratified_split
 from tldist.data.writer import write_shards
@@ -104,8 +105,6 @@ def glyphs_samples(per_class: int, *, chars: str = "digits", seed: int = 0, spli
     :func:`tldist.data.glyphs.render` from matplotlib's fonts in the look of the digits target, as
     SIZE x SIZE RGB PNG; the ``seed``/``split`` pair fixes every pixel. Digit classes are named
     ``"0"``-``"9"`` like the target's, so fine-tuning starts from their head rows."""
-    from tldist.data.glyphs import render
-
     if per_class < 1:
         raise ConfigError(f"glyphs per class must be >= 1, got {per_class}")
     classes = glyph_classes(chars)

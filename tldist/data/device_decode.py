@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from tldist.data.stream import Throttle
-from tldist.data.transforms import TrainTransform, _exif_orientation
+from tldist.data.transforms import TrainTransform, exif_orientation
 
 CPU_DECODER = "torchvision"
 """The worker-side decoder of ``data.decode=nvjpeg`` for images the device does not decode."""
@@ -65,7 +65,7 @@ def jpeg_header(data: bytes) -> Optional[tuple[int, int, int]]:
     img = Image.open(io.BytesIO(data), formats=("JPEG", "MPO"))
     if img.mode not in JPEG_MODES:
         return None
-    orientation = _exif_orientation(img)
+    orientation = exif_orientation(img)
     width, height = img.size
     return (height, width, orientation) if orientation >= 5 else (width, height, orientation)
 

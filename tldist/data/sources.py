@@ -1,9 +1,11 @@
 """Sample sources for the shard writer: image-folder trees, CSV/TSV lists and torchvision datasets.
 
-Every source returns ``(classes, samples)``: the class names (position = class index) and a
-lazy, sized, re-iterable :class:`SampleSource` whose order is deterministic. By default the
-order is a seeded permutation, so consecutive samples (and therefore shards) mix classes.
-Image bytes are passed through unchanged unless the writer is asked to re-encode them.
+Every source returns ``(classes, samples)``: the class names (position = class index) and the samples.
+Image folders and CSV lists are :class:`Listing` objects: their files are *listed* (names and labels only,
+class folder by class folder; no ``stat``, no image read) in a canonical order, as often as the writer needs,
+so a writer part holds only its own share (:mod:`tldist.data.ingest`). Other sources are a lazy, sized
+:class:`SampleSource` whose order is deterministic. Image bytes are passed through unchanged unless the
+writer is asked to re-encode them.
 """
 
 from __future__ import annotations
@@ -13,17 +15,29 @@ import difflib
 import inspect
 import io
 import logging
+import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from tldist.data.manifest import IMAGE_EXTS
+import numpy as np
+
+from tldist.data.transforms import to_8bit
 from tldist.errors import ConfigError, DataError
 
 log = logging.getLogger("tldist.data")
 
+SOURCE_IMAGE_EXTS = frozenset({
+    "jpg", "jfif", "jpe", "mpo", "png", "apng", "webp", "bmp", "dib", "gif", "tiff", "ppm", "pgm", "pbm", "pnm",
+    "tga", "icb", "vda", "vst", "ico", "cur", "pcx", "sgi", "rgb", "rgba", "bw", "ras", "psd", "qoi", "jp2", "j2k",
+    "jpc", "jpf", "jpx", "j2c", "avif", "avifs", "dds", "blp", "xbm", "xpm"})
+"""Source file extensions (after :func:`normalize_ext`) read as images: the raster formats Pillow opens by
+itself (``PIL.Image.registered_extensions()`` minus documents, video, scientific containers and formats
+that need external tools: pdf, eps, mpeg, fits, hdf5, grib, wmf...). Formats other than
+:data:`~tldist.data.manifest.STORED_EXTS` are re-encoded to PNG when written."""
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]+")
 _HEADER_PATH = {"path", "file", "filename", "filepath", "file_path", "image", "img", "image_path", "name"}
 _HEADER_LABEL = {"label", "labels", "class", "class_name", "classname", "target", "y", "category"}
@@ -70,10 +84,159 @@ class SampleSource:
         return iter(self._generate())
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One listed sample: its key, where it comes from, and what :meth:`Listing.load` needs (picklable)."""
+
+    key: str
+    origin: str
+    ref: Any
+
+
+class Listing:
+    """A source whose samples can be listed (keys, origins, labels; no ``stat``, no image read) in a canonical
+    order, as often as needed, holding at most one class folder's names at a time.
+
+    ``shuffle``: whether the writer mixes the samples (a seeded hash order, :mod:`tldist.data.ingest`) or keeps
+    the listed order. ``seed`` keys that order (and the val split). ``info`` is recorded as ``meta.source``;
+    it is complete after one full pass of :meth:`entries` (e.g. the files left out, counted by reason).
+    """
+
+    info: dict[str, Any]
+    shuffle: bool = True
+    seed: int = 0
+
+    def entries(self) -> Iterator[Entry]:
+        raise NotImplementedError
+
+    def load(self, entry: Entry) -> Sample:
+        """The sample of ``entry`` with its image bytes (an unreadable file gives an error sample)."""
+        raise NotImplementedError
+
+    def size(self, entry: Entry) -> int:
+        """Stored bytes of ``entry``'s image (one ``stat``), -1 when unknown."""
+        return -1
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (self.load(e) for e in self.entries())
+
+    def __len__(self) -> int:
+        if getattr(self, "_length", None) is None:
+            self._length = sum(1 for _ in self.entries())
+        return self._length
+
+
+def _files_under(directory: str) -> list[str]:
+    """Every file under ``directory`` (recursively, following links to files but not into linked directories,
+    like ``Path.rglob("**")``), as paths relative to it, in the order of ``sorted(Path(directory).rglob("*"))``
+    (component by component); entry types come from ``readdir`` (no ``stat``). Plain strings: a
+    14M-file tree is listed in minutes, not hours of ``pathlib``."""
+    out: list[str] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(directory, rel) if rel else directory) as it:
+                for e in it:
+                    name = f"{rel}/{e.name}" if rel else e.name
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(name)
+                    elif e.is_file():
+                        out.append(name)
+        except OSError:
+            continue
+    out.sort(key=lambda r: r.split("/"))
+    return out
+
+
+def _left_out(rel: str) -> str:
+    """:func:`left_out_reason` for a path relative to the tree's root, as a string (the listing's fast path)."""
+    ext = os.path.splitext(rel)[1]
+    shown = ext.lower() or "(no extension)"
+    if rel.startswith(".") or "/." in rel:
+        return f"hidden ({shown})"
+    if normalize_ext(ext) not in SOURCE_IMAGE_EXTS:
+        return f"not an image format ({shown})"
+    return ""
+
+
+def _read_file(path: str, key: str, label: int) -> Sample:
+    try:
+        data, error = Path(path).read_bytes(), ""
+    except OSError as e:
+        data, error = b"", f"cannot read: {e.strerror or e}"
+    return Sample(key, data, normalize_ext(Path(path).suffix), label, path, error)
+
+
+class ImageFolderListing(Listing):
+    """``root/<class>/**/<image>`` listed class by class (see :func:`samples_from_imagefolder`)."""
+
+    def __init__(self, root: Path, classes: list[str], *, forced: bool, split: str, val_fraction: float, seed: int,
+                 shuffle: bool, keep_empty_classes: bool):
+        self.root, self.classes, self.forced = root, classes, forced
+        self.split, self.val_fraction, self.seed, self.shuffle = split, val_fraction, seed, shuffle
+        self.keep_empty_classes = keep_empty_classes
+        self.info = {"type": "imagefolder", "root": str(root.resolve()), "split": split,
+                     "val_fraction": val_fraction, "seed": seed, "shuffle": shuffle}
+        self._checked = False
+        if val_fraction and split not in ("train", "val"):
+            raise ConfigError(f"with a val fraction the split of '{root}' must be 'train' or 'val', got '{split}'")
+
+    def entries(self) -> Iterator[Entry]:
+        index, left_out, per_class = 0, Counter(), []
+        root = str(self.root)
+        for label, name in enumerate(self.classes):
+            cdir = os.path.join(root, name)
+            files: list[str] = []
+            if os.path.isdir(cdir):
+                for rel in _files_under(cdir):
+                    reason = _left_out(f"{name}/{rel}")
+                    if reason:
+                        left_out[reason] += 1
+                    else:
+                        files.append(f"{name}/{rel}")
+            per_class.append(len(files))
+            keep = range(len(files))
+            if self.val_fraction:  # the stratified split of this class alone (stratified_split's rule and seed)
+                rest, picked = stratified_split([label] * len(files), self.val_fraction, self.seed)
+                keep = picked if self.split == "val" else rest
+            for j in keep:
+                rel = files[j]
+                path = os.path.join(root, rel)
+                yield Entry(safe_key(index + j, os.path.splitext(rel)[0]), path, (path, label))
+            index += len(files)
+        if not self._checked:  # once, after the first full listing
+            self._checked = True
+            self._check(left_out, per_class, index)
+
+    def _check(self, left_out: Counter, per_class: list[int], total: int) -> None:
+        self.info["left_out"] = dict(sorted(left_out.items()))
+        if left_out:
+            log.warning("image folder '%s': %d file(s) left out: %s", self.root, sum(left_out.values()),
+                        ", ".join(f"{n} {why}" for why, n in sorted(left_out.items())))
+        if not total:
+            raise DataError(f"image folder '{self.root}' holds no images (extensions read: "
+                            f"{', '.join(sorted(SOURCE_IMAGE_EXTS))})")
+        empty = [c for c, n in zip(self.classes, per_class) if n == 0]
+        if empty and not self.forced and not self.keep_empty_classes:
+            raise DataError(f"image folder '{self.root}' has {len(empty)} class folder(s) with no images: {empty[:10]}; "
+                            "remove them, or keep them as classes with --keep-empty-classes")
+        if empty:
+            log.warning("image folder '%s' has no images for %d of %d classes: %s", self.root, len(empty),
+                        len(self.classes), empty[:20])
+
+    def load(self, entry: Entry) -> Sample:
+        path, label = entry.ref
+        return _read_file(path, entry.key, label)
+
+    def size(self, entry: Entry) -> int:
+        return _size(entry.ref[0])
+
+
 def normalize_ext(ext: str) -> str:
     """Lower-case extension without the dot, with aliases folded (``JPEG`` -> ``jpg``, ``tif`` -> ``tiff``)."""
     ext = ext.lower().lstrip(".")
-    return {"jpeg": "jpg", "jpe": "jpg", "tif": "tiff"}.get(ext, ext)
+    return {"jpeg": "jpg", "jpe": "jpg", "jfif": "jpg", "tif": "tiff"}.get(ext, ext)
 
 
 def safe_key(index: int, name: str = "", width: int = 7) -> str:
@@ -90,8 +253,6 @@ def encode_image(img, fmt: str = "png", quality: int = 90) -> bytes:
     alpha dropped), the rule training's decoding applies, never by PIL's clipping ``convert``.
     PNG keeps RGB, RGBA, L, LA, 1, P and 16-bit gray as they are; both decoders read those alike.
     """
-    from tldist.data.transforms import to_8bit
-
     fmt = normalize_ext(fmt)
     buf = io.BytesIO()
     if fmt == "jpg":
@@ -173,15 +334,17 @@ def _file_source(items: list[tuple[Path, int, str]], order: list[int], info: dic
                         get=lambda pos: next(_file_samples(items, [order[pos]])), describe=describe)
 
 
-def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None, *,
-                     keep_empty_classes: bool = False) -> tuple[list[str], list[tuple[Path, int, str]]]:
+def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None, *, keep_empty_classes: bool = False,
+                     left_out: Optional[Counter] = None) -> tuple[list[str], list[tuple[Path, int, str]]]:
     """List ``root/<class>/**/<image>`` like torchvision's ImageFolder: sorted classes and files.
 
-    Returns ``(classes, [(path, label, relative path)])``. ``classes`` forces the class list
-    (e.g. a val tree must use the train tree's classes); forced classes without images here
-    are logged as a warning. A class folder found here that holds no images (only
-    ``.DS_Store``, say) raises :class:`DataError` naming it, unless ``keep_empty_classes``,
-    which keeps it as a class with a warning.
+    Returns ``(classes, [(path, label, relative path)])``. Image files are those with an extension of
+    :data:`SOURCE_IMAGE_EXTS` (any case); every other file is left out and counted in ``left_out`` by
+    reason and extension (``"not an image format (.txt)"``, ``"hidden (.DS_Store)"``), with a warning.
+    ``classes`` forces the class list (e.g. a val tree must use the train tree's classes); forced classes
+    without images here are logged as a warning. A class folder found here that holds no images (only
+    ``.DS_Store``, say) raises :class:`DataError` naming it, unless ``keep_empty_classes``, which keeps it
+    as a class with a warning.
     """
     root = Path(root)
     if not root.is_dir():
@@ -195,17 +358,30 @@ def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None, *,
     unknown = [c for c in found if c not in classes]
     if unknown:
         raise DataError(f"image folder '{root}' has class directories {unknown[:5]} not among the classes {classes[:10]}...")
-    exts = {normalize_ext(e) for e in IMAGE_EXTS}
     items: list[tuple[Path, int, str]] = []
+    skipped: Counter = Counter()
     for label, name in enumerate(classes):
         cdir = root / name
         if not cdir.is_dir():
             continue
-        files = sorted(p for p in cdir.rglob("*") if p.is_file() and normalize_ext(p.suffix) in exts
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = []
+        for p in sorted(cdir.rglob("*")):
+            if not p.is_file():
+                continue
+            reason = left_out_reason(p, root)
+            if reason:
+                skipped[reason] += 1
+            else:
+                files.append(p)
         items += [(p, label, p.relative_to(root).with_suffix("").as_posix()) for p in files]
+    if left_out is not None:
+        left_out.update(skipped)
+    if skipped:
+        log.warning("image folder '%s': %d file(s) left out: %s", root, sum(skipped.values()),
+                    ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
     if not items:
-        raise DataError(f"image folder '{root}' holds no images with extensions {', '.join(IMAGE_EXTS)}")
+        raise DataError(f"image folder '{root}' holds no images (extensions read: "
+                        f"{', '.join(sorted(SOURCE_IMAGE_EXTS))})")
     empty = sorted(set(classes) - {classes[it[1]] for it in items})
     if empty and not forced and not keep_empty_classes:
         raise DataError(f"image folder '{root}' has {len(empty)} class folder(s) with no images: {empty[:10]}; "
@@ -216,99 +392,196 @@ def scan_imagefolder(root: str | Path, classes: Optional[list[str]] = None, *,
     return classes, items
 
 
+def left_out_reason(path: Path, root: Path) -> str:
+    """Why the file ``path`` of an image tree is not a sample (``''`` when it is one): hidden, or not an
+    image format (:data:`SOURCE_IMAGE_EXTS`), with its extension."""
+    ext = path.suffix.lower() or "(no extension)"
+    if any(part.startswith(".") for part in path.relative_to(root).parts):
+        return f"hidden ({ext})"
+    if normalize_ext(path.suffix) not in SOURCE_IMAGE_EXTS:
+        return f"not an image format ({ext})"
+    return ""
+
+
+def imagefolder_classes(root: str | Path, classes: Optional[list[str]] = None) -> list[str]:
+    """The class list of an image-folder tree: its sorted, non-hidden subdirectories (one ``readdir``), or
+    ``classes`` when given (a val tree uses the train tree's). Raises :class:`DataError` naming the folder when
+    it is missing, has no class folders, or has class folders that are not among ``classes``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder '{root}' does not exist or is not a directory")
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not found:
+        raise DataError(f"image folder '{root}' has no class subdirectories; expected '{root}/<class>/<image>'")
+    if classes is None:
+        return found
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        raise DataError(f"image folder '{root}' has class directories {unknown[:5]} not among the classes {classes[:10]}...")
+    return list(classes)
+
+
 def samples_from_imagefolder(root: str | Path, *, split: str = "train", val_fraction: float = 0.0,
                              seed: int = 0, classes: Optional[list[str]] = None, shuffle: bool = True,
-                             keep_empty_classes: bool = False) -> tuple[list[str], SampleSource]:
-    """Samples of a class-subdirectory tree (classes sorted, extensions from IMAGE_EXTS, any case).
+                             keep_empty_classes: bool = False) -> tuple[list[str], ImageFolderListing]:
+    """Samples of a class-subdirectory tree (classes sorted, :data:`SOURCE_IMAGE_EXTS`, any case), as a
+    :class:`Listing`: files left out are counted by reason and extension in its ``info["left_out"]`` (the
+    manifest's ``meta.source``) once listed.
 
-    With ``val_fraction > 0`` the tree is split per class with a seeded stratified split and
-    ``split`` ('train' or 'val') picks the part; calling twice gives disjoint, complementary sets.
-    Empty class folders are refused unless ``keep_empty_classes`` (see :func:`scan_imagefolder`).
+    With ``val_fraction > 0`` each class is split with a seeded stratified split (:func:`stratified_split`)
+    and ``split`` ('train' or 'val') picks the part; calling twice gives disjoint, complementary sets.
+    Empty class folders are refused unless ``keep_empty_classes`` (see :func:`scan_imagefolder`); forced
+    ``classes`` without images here are logged as a warning.
     """
-    classes, items = scan_imagefolder(root, classes, keep_empty_classes=keep_empty_classes)
-    order = _ordered(_select([it[1] for it in items], split, val_fraction, seed, f"'{root}'"), shuffle, seed, split)
-    info = {"type": "imagefolder", "root": str(Path(root).resolve()), "split": split,
-            "val_fraction": val_fraction, "seed": seed, "shuffle": shuffle}
-    return classes, _file_source(items, order, info)
+    names = imagefolder_classes(root, classes)
+    return names, ImageFolderListing(Path(root), names, forced=classes is not None, split=split,
+                                     val_fraction=val_fraction, seed=seed, shuffle=shuffle,
+                                     keep_empty_classes=keep_empty_classes)
 
 
-def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of the non-blank rows of the CSV/TSV file ``path``, streamed; the delimiter
+    (tab, comma or semicolon) is the one the first non-blank line holds most of. Raises :class:`DataError` when
+    the file cannot be read or decoded."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next((ln for ln in f if ln.strip()), "")
+            counts = {d: first.count(d) for d in ("\t", ",", ";")}
+            delim = max(counts, key=counts.get) if any(counts.values()) else ","
+            f.seek(0)
+            reader = csv.reader(f, delimiter=delim)
+            for row in reader:
+                if any(c.strip() for c in row):
+                    yield reader.line_num, row
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read CSV '{path}': {e}") from None
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
-    counts = {d: first.count(d) for d in ("\t", ",", ";")}
-    delim = max(counts, key=counts.get) if any(counts.values()) else ","
-    reader = csv.reader(io.StringIO(text), delimiter=delim)
-    return [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+
+
+class CsvListing(Listing):
+    """The images listed in a ``path,label`` CSV/TSV file (see :func:`samples_from_csv`).
+
+    The file is read (streamed) once here to find the classes and check every row's form, keeping one label per
+    row (4 bytes) for the stratified split; :meth:`entries` streams it again. Image files are not looked at
+    until a writer part takes them (:meth:`size`: a missing file is a :class:`DataError` naming its line).
+    """
+
+    def __init__(self, path: Path, base: Path, classes: Optional[list[str]], *, split: str, val_fraction: float,
+                 seed: int, shuffle: bool):
+        self.path, self.base, self.split, self.seed, self.shuffle = path, base, split, seed, shuffle
+        self.info = {"type": "csv", "path": str(path.resolve()), "root": str(base.resolve()), "split": split,
+                     "val_fraction": val_fraction, "seed": seed, "shuffle": shuffle}
+        header, names_seen, max_int, all_int, n = None, set(), -1, True, 0
+        self.skip_line: Optional[int] = None  # a header row
+        for line, row in _csv_rows(path):
+            if header is None:
+                header = line
+                if len(row) >= 2 and not _is_int(row[1]) and (row[0].strip().lower() in _HEADER_PATH
+                                                               or row[1].strip().lower() in _HEADER_LABEL):
+                    self.skip_line = line
+                    continue
+            if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                raise DataError(f"{path}:{line}: expected 'path,label', got {row!r}")
+            name = row[1].strip()
+            if _is_int(name):
+                max_int = max(max_int, int(name))
+            else:
+                all_int = False
+                names_seen.add(name)
+            n += 1
+        if not n:
+            raise DataError(f"CSV '{path}' lists no samples; expected rows of 'path,label'")
+        given = classes is not None
+        self.int_mode = not given and all_int
+        if classes is None:
+            classes = [str(i) for i in range(max_int + 1)] if self.int_mode else sorted(names_seen)
+        self.classes, self.given = list(classes), given
+        self.index = {c: i for i, c in enumerate(self.classes)}
+        labels = np.empty(n, dtype=np.int32)
+        self.first_data_line = None
+        for j, (line, row, label, _) in enumerate(self._rows()):
+            labels[j] = label
+            if j == 0:
+                self.first_data_line = line
+        unused = sorted(set(range(len(self.classes))) - set(np.unique(labels).tolist()))
+        if unused:
+            log.warning("CSV '%s' has no rows for %d of %d classes: %s%s", path, len(unused), len(self.classes),
+                        [self.classes[i] for i in unused[:20]], "" if given else " (integer labels with gaps)")
+        self.in_split: Optional[np.ndarray] = None
+        if val_fraction:
+            if split not in ("train", "val"):
+                raise ConfigError(f"with a val fraction the split of '{path}' must be 'train' or 'val', got '{split}'")
+            rest, picked = stratified_split(labels.tolist(), val_fraction, seed)
+            self.in_split = np.zeros(n, dtype=bool)
+            self.in_split[picked if split == "val" else rest] = True
+
+    def _rows(self) -> Iterator[tuple[int, list[str], int, str]]:
+        """``(line, fields, label, relative path)`` of every sample row, checked (not the files)."""
+        for line, row in _csv_rows(self.path):
+            if line == self.skip_line:
+                continue
+            name = row[1].strip()
+            if name in self.index:
+                label = self.index[name]
+            elif _is_int(name) and (self.given or self.int_mode):
+                label = int(name)
+                if not 0 <= label < len(self.classes):
+                    raise DataError(f"{self.path}:{line}: label {label} is out of range for {len(self.classes)} classes")
+            elif _is_int(name):
+                raise DataError(f"{self.path}:{line}: label '{name}' is an integer but other rows use class names; "
+                                "use one kind throughout or pass the class list")
+            else:
+                raise DataError(f"{self.path}:{line}: unknown class '{name}'; known: {self.classes[:10]}")
+            rel = row[0].strip()
+            if normalize_ext(Path(rel).suffix) not in SOURCE_IMAGE_EXTS:
+                raise DataError(f"{self.path}:{line}: '{rel}' is not an image file name (extensions: "
+                                f"{', '.join(sorted(SOURCE_IMAGE_EXTS))})")
+            yield line, row, label, rel
+
+    def entries(self) -> Iterator[Entry]:
+        for j, (line, _, label, rel) in enumerate(self._rows()):
+            if self.in_split is not None and not self.in_split[j]:
+                continue
+            file = Path(rel) if Path(rel).is_absolute() else self.base / rel
+            yield Entry(safe_key(j, Path(rel).with_suffix("").as_posix()), str(file), (str(file), label, line, rel))
+
+    def load(self, entry: Entry) -> Sample:
+        """The sample; a file the CSV names that does not exist is a :class:`DataError` naming the line (a
+        wrong path, not damaged data)."""
+        path, label, _, _ = entry.ref
+        sample = _read_file(path, entry.key, label)
+        if sample.error and not Path(path).exists():
+            self.size(entry)  # raises, naming the line
+        return sample
+
+    def size(self, entry: Entry) -> int:
+        path, _, line, rel = entry.ref
+        try:
+            return Path(path).stat().st_size
+        except OSError:
+            hint = " (if line 1 is a header, name its columns 'path,label')" if line == self.first_data_line else ""
+            raise DataError(f"{self.path}:{line}: image '{rel}' not found at '{path}'{hint}") from None
 
 
 def samples_from_csv(path: str | Path, root: Optional[str | Path] = None, *, classes: Optional[list[str]] = None,
                      split: str = "train", val_fraction: float = 0.0, seed: int = 0,
-                     shuffle: bool = True) -> tuple[list[str], SampleSource]:
-    """Samples listed in a CSV/TSV file of ``path,label`` rows (delimiter sniffed, header optional).
+                     shuffle: bool = True) -> tuple[list[str], CsvListing]:
+    """Samples listed in a CSV/TSV file of ``path,label`` rows (delimiter sniffed, header optional), as a
+    :class:`Listing`.
 
     Labels are class names or integer indices (not mixed). Without ``classes``, names give
     sorted unique classes and integers give ``'0'..'max'``; classes no row uses (a gap in the
     integers, an unused name in ``classes``) are logged as a warning. Relative paths resolve
     against ``root`` or the CSV's directory. With ``val_fraction > 0`` the rows are split per
     class with a seeded stratified split and ``split`` ('train' or 'val') picks the part, as
-    for image folders. Bad rows and missing files raise :class:`DataError` naming the file,
-    line and value.
+    for image folders. Bad rows raise :class:`DataError` naming the file, line and value; a missing image
+    file does when a writer takes it.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"CSV file '{path}' does not exist")
-    base = Path(root) if root is not None else path.parent
-    rows = _read_csv_rows(path)
-    if rows and len(rows[0][1]) >= 2 and not _is_int(rows[0][1][1]) and (
-            rows[0][1][0].strip().lower() in _HEADER_PATH or rows[0][1][1].strip().lower() in _HEADER_LABEL):
-        rows = rows[1:]
-    if not rows:
-        raise DataError(f"CSV '{path}' lists no samples; expected rows of 'path,label'")
-    for line, row in rows:
-        if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise DataError(f"{path}:{line}: expected 'path,label', got {row!r}")
-    names = [r[1].strip() for _, r in rows]
-    given = classes is not None
-    int_mode = not given and all(_is_int(n) for n in names)
-    if classes is None:
-        if int_mode:
-            classes = [str(i) for i in range(max(int(n) for n in names) + 1)]
-        else:
-            classes = sorted({n for n in names if not _is_int(n)})
-    index = {c: i for i, c in enumerate(classes)}
-    items: list[tuple[Path, int, str]] = []
-    for (line, row), name in zip(rows, names):
-        if name in index:
-            label = index[name]
-        elif _is_int(name) and (given or int_mode):
-            label = int(name)
-            if not 0 <= label < len(classes):
-                raise DataError(f"{path}:{line}: label {label} is out of range for {len(classes)} classes")
-        elif _is_int(name):
-            raise DataError(f"{path}:{line}: label '{name}' is an integer but other rows use class names; "
-                            "use one kind throughout or pass the class list")
-        else:
-            raise DataError(f"{path}:{line}: unknown class '{name}'; known: {classes[:10]}")
-        rel = row[0].strip()
-        file = Path(rel) if Path(rel).is_absolute() else base / rel
-        if normalize_ext(file.suffix) not in {normalize_ext(e) for e in IMAGE_EXTS}:
-            raise DataError(f"{path}:{line}: '{rel}' is not an image file name (extensions: {', '.join(IMAGE_EXTS)})")
-        if not file.is_file():
-            hint = " (if line 1 is a header, name its columns 'path,label')" if line == rows[0][0] else ""
-            raise DataError(f"{path}:{line}: image '{rel}' not found at '{file}'{hint}")
-        items.append((file, label, Path(rel).with_suffix("").as_posix()))
-    unused = sorted(set(range(len(classes))) - {it[1] for it in items})
-    if unused:
-        log.warning("CSV '%s' has no rows for %d of %d classes: %s%s", path, len(unused), len(classes),
-                    [classes[i] for i in unused[:20]], "" if given else " (integer labels with gaps)")
-    chosen = _select([it[1] for it in items], split, val_fraction, seed, f"'{path}'")
-    order = _ordered(chosen, shuffle, seed, f"csv/{split}" if val_fraction else "csv")
-    info = {"type": "csv", "path": str(path.resolve()), "root": str(base.resolve()), "split": split,
-            "val_fraction": val_fraction, "seed": seed, "shuffle": shuffle}
-    return classes, _file_source(items, order, info)
+    listing = CsvListing(path, Path(root) if root is not None else path.parent, classes, split=split,
+                         val_fraction=val_fraction, seed=seed, shuffle=shuffle)
+    return listing.classes, listing
 
 
 def _is_int(s: str) -> bool:

@@ -1,86 +1,112 @@
 """Seeded, stratified ``k`` labels-per-class subsets of a shard set, written as real shard sets.
 
-Used by ``tldist study`` (label-budget studies) and ``tldist shards subset``. Two passes over the
-source shards: the first reads only the ``.cls`` members (image bytes are seeked over) to list every
-sample's class; the second copies the chosen samples' bytes unchanged through the shard writer
-(:func:`tldist.data.writer.write_shards`), so the subset is an ordinary shard set with a manifest.
+Used by ``tldist study`` (label-budget studies) and ``tldist shards subset``. Two streamed passes over the
+source shards: the first reads only the label members (image bytes are seeked over) and keeps, per class,
+the ``k`` keys chosen so far; the second copies the chosen samples' bytes unchanged through the shard writer
+(:func:`tldist.data.writer.write_shards`), so the subset is an ordinary shard set with a manifest. Memory is
+O(classes x k), not O(samples): nothing per sample is held.
 
-Selection: for class ``c`` the sample keys are sorted and permuted with
-``numpy.random.default_rng([seed, c])``; the first ``k`` are kept. The same seed therefore gives the
-same keys, and for one seed the subset of a smaller ``k`` is contained in that of a larger ``k``
-(the permutation's prefix), which keeps label-budget curves comparable across ``k``.
+Selection: each sample gets the priority ``blake2b("<seed>/<class>/<key>")`` (64 bits); class ``c`` keeps its
+``k`` samples of smallest priority, a seeded uniform choice that does not depend on the shard order (a
+bottom-k sample, as in reservoir sampling with keyed priorities). The same seed therefore gives the same
+keys, and for one seed the subset of a smaller ``k`` is contained in that of a larger ``k``, which keeps
+label-budget curves comparable across ``k``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
-import numpy as np
+from webdataset.tariterators import base_plus_ext
 
-from tldist.data.manifest import IMAGE_EXTS, MANIFEST_NAME, Manifest, load_manifest, resolve_shard_urls
+from tldist.data.labels import LabelError
+from tldist.data.manifest import MANIFEST_NAME, Manifest, load_manifest, resolve_shard_urls
+from tldist.data.retry import open_shard
+from tldist.data.sources import Sample, SampleSource, normalize_ext
+from tldist.data.stream import range_segments, read_shard
+from tldist.data.tar import iter_members
+from tldist.data.writer import write_shards
 from tldist.errors import DataError, UserError
-
-if TYPE_CHECKING:
-    from tldist.data.sources import Sample
+from tldist.paths import check_output_dir
 
 log = logging.getLogger("tldist.data")
 
 
-def label_index(src_location: str | Path) -> tuple[Manifest, dict[int, list[str]]]:
-    """The source manifest and ``{class index: sorted sample keys}``, read from the ``.cls`` members only.
+def priority(seed: int, label: int, key: str) -> int:
+    """The seeded selection priority of a sample (smaller is chosen first; see the module docstring)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{label}/{key}".encode(), digest_size=8).digest(), "big")
 
-    Raises :class:`DataError` naming the shard when a sample has no readable label or a label outside
-    the manifest's classes.
+
+def scan_labels(src_location: str | Path, *, keep: int = 0,
+                seed: int = 0) -> tuple[Manifest, list[int], dict[int, list[str]]]:
+    """Stream the label members (``.cls``, or the ``.json``/``.txt`` its manifest names:
+    :attr:`~tldist.data.manifest.Manifest.label_rule`) of the set at ``src_location`` once.
+
+    Returns ``(manifest, samples per class, {class: its keep keys of smallest priority, in priority order}``);
+    memory O(classes x keep). Raises :class:`DataError` naming the shard when a sample has no readable label
+    or a label outside the manifest's classes (samples an index counted as unusable, ``meta.unusable``, are
+    passed over), or when the set has no labels at all.
     """
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext
-
-    from tldist.data.tar import iter_members
-
     manifest = load_manifest(src_location)
-    by_class: dict[int, list[str]] = {}
+    rule = manifest.label_rule
+    if not rule.labelled:
+        raise DataError(f"'{src_location}' has no labels (indexed with --label none): a labels-per-class subset "
+                        "needs labelled samples")
+    tolerate = bool(manifest.meta.get("unusable"))
+
+    def is_label(name: str) -> bool:
+        ext = base_plus_ext(name)[1]
+        return ext is not None and ext.lower() == rule.member
+
+    counts = [0] * manifest.num_classes
+    heaps: dict[int, list[tuple[int, str]]] = {}  # per class: max-heap (negated priority) of the keep smallest
     for url in resolve_shard_urls(manifest):
-        stream = gopen(url, "rb")
+        stream = open_shard(url)
         try:
-            for name, data in iter_members(stream, lambda n: n.endswith(".cls")):
+            for name, data in iter_members(stream, is_label):
                 key = base_plus_ext(name)[0]
                 try:
-                    label = int(data.decode().strip())
-                except (UnicodeDecodeError, ValueError):
-                    raise DataError(f"sample '{key}' of shard {url} has label {data[:20]!r}, not an integer; "
-                                    "check the set with 'tldist shards verify'") from None
+                    label = rule.label({rule.member: data})
+                except LabelError as e:
+                    if tolerate:
+                        continue
+                    raise DataError(f"sample '{key}' of shard {url}: {e}; check the set with 'tldist shards verify'") \
+                        from None
                 if not 0 <= label < manifest.num_classes:
+                    if tolerate:
+                        continue
                     raise DataError(f"sample '{key}' of shard {url} has label {label}, not in "
                                     f"0..{manifest.num_classes - 1} of its manifest")
-                by_class.setdefault(label, []).append(key)
+                counts[label] += 1
+                if keep:
+                    heap = heaps.setdefault(label, [])
+                    item = (-priority(seed, label, key), key)
+                    if len(heap) < keep:
+                        heapq.heappush(heap, item)
+                    elif item > heap[0]:
+                        heapq.heapreplace(heap, item)
         finally:
             stream.close()
-    return manifest, {c: sorted(keys) for c, keys in sorted(by_class.items())}
+    chosen = {c: [k for _, k in sorted(heap, reverse=True)] for c, heap in sorted(heaps.items())}
+    return manifest, counts, chosen
 
 
-def choose_keys(by_class: dict[int, list[str]], classes: list[str], labels_per_class: int, seed: int) -> set[str]:
-    """The ``labels_per_class`` keys of every class chosen for ``seed`` (see the module docstring).
-
-    Raises :class:`UserError` naming the first class that has fewer samples than asked (a class of the
-    manifest without samples counts as 0), with the largest ``k`` every class allows.
-    """
+def check_labels_per_class(counts: list[int], classes: list[str], labels_per_class: int) -> None:
+    """Raise :class:`UserError` when ``labels_per_class`` is not an integer >= 1, or names the first class that has
+    fewer samples (``counts``, per class; a class without samples counts as 0), with the largest ``k`` every
+    class allows."""
     if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, int) or labels_per_class < 1:
         raise UserError(f"labels per class {labels_per_class!r} is invalid: use an integer >= 1")
-    counts = {c: len(by_class.get(c, [])) for c in range(len(classes))}
-    short = [c for c, n in counts.items() if n < labels_per_class]
+    short = [c for c, n in enumerate(counts) if n < labels_per_class]
     if short:
         c = short[0]
         raise UserError(f"labels per class {labels_per_class} is more than class '{classes[c]}' has "
                         f"({counts[c]} samples{f'; {len(short)} classes are short' if len(short) > 1 else ''}); "
-                        f"use k <= {min(counts.values())} or 'all'")
-    chosen: set[str] = set()
-    for c in range(len(classes)):
-        keys = by_class[c]
-        order = np.random.default_rng([int(seed), c]).permutation(len(keys))
-        chosen.update(keys[i] for i in order[:labels_per_class])
-    return chosen
+                        f"use k <= {min(counts)} or 'all'")
 
 
 def subset_matches(out_dir: str | Path, src_location: str | Path, labels_per_class: int, seed: int) -> Optional[Manifest]:
@@ -101,23 +127,28 @@ def _source_id(location: str | Path) -> str:
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
-def samples_by_key(manifest: Manifest, labels: dict[str, int], *, missing: str) -> Iterator["Sample"]:
-    """Stream ``manifest``'s shards once and yield the samples whose keys are in ``labels``, with those
-    labels, image bytes as stored (for :func:`~tldist.data.writer.write_shards`). Stops once all are
-    found; raises :class:`DataError` "<N> <missing>" when some never come (the shards changed, or
-    unreadable records), and when a chosen sample has no image member."""
-    from tldist.data.sources import Sample
-    from tldist.data.stream import read_shard
+def samples_by_key(manifest: Manifest, labels: dict[str, int], *, missing: str, start: int = 0,
+                   end: Optional[int] = None) -> Iterator[Sample]:
+    """Stream ``manifest``'s shards once (or the samples ``[start, end)`` of its manifest order, seeking with
+    its seek index) and yield the samples whose keys are in ``labels``, with those labels, image bytes as
+    stored (for :func:`~tldist.data.writer.write_shards`). Stops once all are found; raises
+    :class:`DataError` "<N> <missing>" when some never come (the shards changed, or unreadable records), and
+    when a chosen sample has no image member."""
 
-    found = 0
-    for url, info in zip(resolve_shard_urls(manifest), manifest.shards):
-        for rec in read_shard(url, 0, info.num_samples):
+    found, rule = 0, manifest.label_rule
+    end = manifest.num_samples if end is None else end
+    urls = resolve_shard_urls(manifest)
+    counts = [s.num_samples for s in manifest.shards]
+    for shard, skip, take in range_segments(counts, range(len(counts)), start, end):
+        url = urls[shard]
+        for rec in read_shard(url, skip, take, offsets=manifest.shards[shard].offsets):
             if not rec.ok or rec.key not in labels:
                 continue
-            ext = next((e for e in IMAGE_EXTS if e in rec.fields), None)
-            if ext is None:
-                raise DataError(f"sample '{rec.key}' of shard {url} has no image member")
-            yield Sample(rec.key, rec.fields[ext], ext, labels[rec.key], f"{url}:{rec.key}")
+            try:
+                ext, data = rule.image_member(rec.fields)
+            except LabelError:
+                raise DataError(f"sample '{rec.key}' of shard {url} has no image member") from None
+            yield Sample(rec.key, data, normalize_ext(ext), labels[rec.key], f"{url}:{rec.key}")
             found += 1
             if found == len(labels):
                 return
@@ -136,15 +167,16 @@ def write_label_subset(src_location: str | Path, out_dir: str | Path, labels_per
     never capped, so every class of a study cell has the same budget), :class:`DataError` for
     unreadable sources.
     """
-    from tldist.data.sources import Sample, SampleSource
-    from tldist.data.writer import write_shards
 
+    check_output_dir(out_dir, "output")  # before reading the source: not a file, nor under one
     existing = subset_matches(out_dir, src_location, labels_per_class, seed)
     if existing is not None:
         return existing
-    manifest, by_class = label_index(src_location)
-    chosen = choose_keys(by_class, manifest.classes, labels_per_class, seed)
-    labels = {key: c for c, keys in by_class.items() for key in keys if key in chosen}
+    if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, int) or labels_per_class < 1:
+        check_labels_per_class([], [], labels_per_class)  # raises: before reading the source
+    manifest, counts, chosen = scan_labels(src_location, keep=labels_per_class, seed=seed)
+    check_labels_per_class(counts, manifest.classes, labels_per_class)
+    labels = {key: c for c, keys in chosen.items() for key in keys}
 
     def generate() -> Iterator[Sample]:
         yield from samples_by_key(manifest, labels, missing=f"chosen samples could not be read again from "

@@ -43,7 +43,8 @@ def _pil_resample(name: str) -> int:
     return {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[name]
 
 
-def _tv_mode(name: str):
+def tv_interpolation(name: str):
+    """torchvision's ``InterpolationMode`` for ``nearest``/``bilinear``/``bicubic``."""
     from torchvision.transforms import InterpolationMode
 
     return {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
@@ -79,7 +80,7 @@ def _torchvision_reads(data: bytes) -> bool:
     return False
 
 
-def _exif_orientation(img: Image.Image) -> int:
+def exif_orientation(img: Image.Image) -> int:
     """The EXIF Orientation tag (1..8; 1 when absent), ignoring XMP as torchvision does."""
     tags = getattr(img, "tag_v2", None)  # TIFF: a tag of the image itself
     if tags is not None:
@@ -140,7 +141,7 @@ def open_image(data: bytes) -> Image.Image:
     """
     img = Image.open(io.BytesIO(data))
     img.load()  # decode now so truncated files fail here, not later in the transform
-    orientation = _exif_orientation(img)
+    orientation = exif_orientation(img)
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
     return to_8bit(img)
@@ -282,7 +283,7 @@ class TrainTransform:
             return crop if pil else pil_to_tensor(crop, out)
         from torchvision.transforms.v2 import functional as F
 
-        crop = F.resized_crop(img, top, left, h, w, [size, size], interpolation=_tv_mode(self.interpolation),
+        crop = F.resized_crop(img, top, left, h, w, [size, size], interpolation=tv_interpolation(self.interpolation),
                               antialias=True)
         crop = _into(crop.flip(-1) if flip else crop, out)
         return Image.fromarray(crop.permute(1, 2, 0).cpu().numpy(), "RGB") if pil else crop
@@ -357,7 +358,7 @@ class EvalTransform:
             return pil_to_tensor(resized.crop((left, top, left + self.image_size, top + self.image_size)), out)
         from torchvision.transforms.v2 import functional as F
 
-        resized = F.resize(img, [new_h, new_w], interpolation=_tv_mode(self.interpolation), antialias=True)
+        resized = F.resize(img, [new_h, new_w], interpolation=tv_interpolation(self.interpolation), antialias=True)
         return _into(resized[:, top:top + self.image_size, left:left + self.image_size], out)
 
     def __repr__(self) -> str:

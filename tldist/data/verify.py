@@ -7,13 +7,16 @@ the WebDataset rule (key = path up to the first dot of the file name).
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import webdataset as wds
 
+from tldist.data.labels import DEFAULT_RULE, LabelError, LabelRule
 from tldist.data.manifest import IMAGE_EXTS, load_manifest, resolve_shard_urls
 from tldist.data.transforms import DECODERS, decode_image
 from tldist.errors import ConfigError, DataError
@@ -85,13 +88,31 @@ def _samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, parts
 
 
-def _check_sample(parts: dict[str, bytes], num_classes: int,
-                  decoders: Sequence[str]) -> tuple[Optional[int], list[str]]:
+def _check_label(parts: dict[str, bytes], num_classes: int, rule: LabelRule) -> tuple[Optional[int], list[str]]:
+    """``(class index or None, problems)`` of a sample's label read by the manifest's rule."""
+    if not rule.labelled:
+        return None, []
+    try:
+        label = rule.label(parts)
+    except LabelError as e:
+        return None, [str(e)]
+    if not 0 <= label < num_classes:
+        where = ".cls" if rule.member == "cls" else f"label ({rule.spec})"
+        return None, [f"{where} is {label}, outside 0..{num_classes - 1}"]
+    return label, []
+
+
+def _check_sample(parts: dict[str, bytes], num_classes: int, decoders: Sequence[str],
+                  rule: LabelRule = DEFAULT_RULE) -> tuple[Optional[int], list[str]]:
     errors: list[str] = []
-    label = None
-    images = [e for e in parts if e in _IMAGE_EXTS]
-    if len(images) != 1:
-        errors.append(f"expected one image member, found {images or 'none'} among {sorted(parts)}")
+    if rule.image == DEFAULT_RULE.image:  # tldist's own layout: exactly one image member
+        images = [e for e in parts if e in _IMAGE_EXTS]
+        if len(images) != 1:
+            errors.append(f"expected one image member, found {images or 'none'} among {sorted(parts)}")
+    else:  # an indexed set: the first member its manifest names (others, e.g. masks, are not the image)
+        images = [e for e in rule.image if e in parts][:1]
+        if not images:
+            errors.append(f"no image member (looked for {', '.join(rule.image)}; found {sorted(parts)})")
     for ext in images:
         failed = []
         for decoder in decoders:  # the training loader's own decoding, per data.decode value
@@ -101,19 +122,8 @@ def _check_sample(parts: dict[str, bytes], num_classes: int,
                 failed.append(f"data.decode={decoder}: {type(e).__name__}: {str(e).strip()[:200]}")
         if failed:
             errors.append(f".{ext} does not decode ({'; '.join(failed)})")
-    raw = parts.get("cls")
-    if raw is None:
-        errors.append("no .cls member")
-    else:
-        try:
-            label = int(raw.decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            errors.append(f".cls is {raw[:20]!r}, not an integer")
-        else:
-            if not 0 <= label < num_classes:
-                errors.append(f".cls is {label}, outside 0..{num_classes - 1}")
-                label = None
-    return label, errors
+    label, problems = _check_label(parts, num_classes, rule)
+    return label, errors + problems
 
 
 def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: bool = True,
@@ -121,7 +131,8 @@ def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: b
     """Read every shard of the set at ``location`` (a manifest location) and check it.
 
     Checks per-shard sample counts against the manifest, that each sample has exactly one
-    image member and a ``.cls`` in range, and that keys are unique. Each image is decoded
+    image member and a ``.cls`` in range (for a set made by ``tldist shards index``: the image and label
+    its manifest's ``meta.labels`` names, :mod:`tldist.data.labels`), and that keys are unique. Each image is decoded
     with :func:`~tldist.data.transforms.decode_image` for every one of ``decoders`` (the
     ``data.decode`` values; default both), exactly as training does; ``decode=False`` skips
     that. ``urls`` is an optional brace pattern replacing the manifest's shard locations.
@@ -131,6 +142,7 @@ def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: b
     if isinstance(decoders, str) or not decoders or any(d not in DECODERS for d in decoders):
         raise ConfigError(f"decoders {decoders!r}: give a non-empty list of {', '.join(DECODERS)}")
     manifest = load_manifest(location)
+    rule = manifest.label_rule
     report = VerifyReport(location=str(location), num_classes=manifest.num_classes)
 
     def add(shard: str, key: str, msg: str) -> None:
@@ -143,8 +155,8 @@ def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: b
         shard_urls = resolve_shard_urls(manifest, urls)
     except DataError:  # report every missing shard instead of failing on the first
         shard_urls = manifest.shard_urls()
-    seen: dict[str, str] = {}
-    for info, url in zip(manifest.shards, shard_urls):
+    keys = KeyLog()
+    for index, (info, url) in enumerate(zip(manifest.shards, shard_urls)):
         name = info.name
         report.expected[name] = info.num_samples
         report.found[name] = 0
@@ -155,15 +167,11 @@ def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: b
             with wds.gopen(url, "rb") as stream:
                 for key, parts in _samples(stream):
                     report.found[name] += 1
-                    if key in seen:
-                        add(name, key, f"duplicate key (also in {seen[key]})")
-                    seen[key] = name
+                    keys.add(key, index)
                     if decode:
-                        label, errors = _check_sample(parts, manifest.num_classes, decoders)
+                        label, errors = _check_sample(parts, manifest.num_classes, decoders, rule)
                     else:
-                        label, errors = None, []
-                        raw = parts.get("cls", b"")
-                        label = int(raw) if raw.strip().isdigit() else None
+                        label, errors = _check_label(parts, manifest.num_classes, rule)
                     for msg in errors:
                         add(name, key, msg)
                     if label is not None:
@@ -172,4 +180,64 @@ def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: b
             add(name, "", f"unreadable after {report.found[name]} samples ({type(e).__name__}: {e})")
         if report.found[name] != info.num_samples:
             add(name, "", f"manifest says {info.num_samples} samples, shard holds {report.found[name]}")
+    for key, shards in keys.duplicates(lambda i: _samples_keys(shard_urls[i])):
+        names = [manifest.shards[i].name for i in shards]
+        add(names[-1], key, f"duplicate key (also in {', '.join(dict.fromkeys(names[:-1]))})")
     return report
+
+
+class KeyLog:
+    """Sample keys seen, in 12 bytes per sample (a 64-bit hash and the shard's index, in growing numpy
+    blocks) instead of a dict of strings (100+ bytes per sample): enough to find duplicate keys over a whole
+    set. Only shards holding a repeated hash are read again, to name the keys."""
+
+    def __init__(self) -> None:
+        self._hashes: list[np.ndarray] = []
+        self._shards: list[np.ndarray] = []
+        self._h: list[int] = []
+        self._s: list[int] = []
+
+    def add(self, key: str, shard: int) -> None:
+        self._h.append(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True))
+        self._s.append(shard)
+        if len(self._h) >= 65536:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._h:
+            self._hashes.append(np.asarray(self._h, dtype=np.int64))
+            self._shards.append(np.asarray(self._s, dtype=np.int32))
+            self._h, self._s = [], []
+
+    def duplicates(self, keys_of) -> list[tuple[str, list[int]]]:
+        """``(key, [shard index of each occurrence])`` for every key seen more than once; ``keys_of(shard)``
+        lists a shard's keys again (called only for shards holding a repeated hash)."""
+        self._flush()
+        if not self._hashes:
+            return []
+        h = np.concatenate(self._hashes)
+        h.sort()  # in place: 8 bytes per key at the peak, besides the blocks
+        repeated = h[1:][h[1:] == h[:-1]]
+        del h
+        if not len(repeated):
+            return []
+        suspects = set(np.unique(repeated).tolist())
+        wanted = np.fromiter(suspects, dtype=np.int64)
+        shards: set[int] = set()
+        for hb, sb in zip(self._hashes, self._shards):
+            shards.update(sb[np.isin(hb, wanted)].tolist())
+        where: dict[str, list[int]] = {}
+        for shard in sorted(shards):
+            for key in keys_of(shard):
+                digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
+                if digest in suspects:
+                    where.setdefault(key, []).append(shard)
+        return [(k, v) for k, v in where.items() if len(v) > 1]
+
+
+def _samples_keys(url: str) -> list[str]:
+    try:
+        with wds.gopen(url, "rb") as stream:
+            return [key for key, _ in _samples(stream)]
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return []

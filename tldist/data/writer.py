@@ -4,8 +4,9 @@ Layout: ``<out_dir>/<split>-000000.tar``... each sample stored as ``<key>.<ext>`
 bytes as given) and ``<key>.cls`` (the class index in ASCII). Shards are written under
 temporary names and renamed only when every shard is complete; the manifest is written
 last and atomically, so a crashed write never leaves a manifest describing partial shards.
-Sources (image folders, CSV lists, torchvision datasets) live in :mod:`tldist.data.sources`
-and are re-exported here.
+Sources (image folders, CSV lists, torchvision datasets) live in :mod:`tldist.data.sources`;
+the planned, parallel writer that image folders and CSV lists go through is :mod:`tldist.data.ingest`,
+which uses the checks defined here.
 """
 
 from __future__ import annotations
@@ -15,34 +16,32 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import webdataset as wds
 
 import tldist
-from tldist.data.manifest import IMAGE_EXTS, MANIFEST_NAME, Manifest, ShardInfo, load_manifest
-from tldist.data.sources import (Sample, SampleSource, encode_image, normalize_ext, safe_key,  # noqa: F401
-                                 samples_from_csv, samples_from_imagefolder, samples_from_torchvision,
-                                 scan_imagefolder, stratified_split)
+from tldist.data.manifest import MANIFEST_NAME, SEEK_EVERY, STORED_EXTS, Manifest, ShardInfo, load_manifest
+from tldist.data.sources import SOURCE_IMAGE_EXTS, Sample, encode_image, normalize_ext
 from tldist.data.transforms import DECODERS, decode_image, open_image
 from tldist.errors import ConfigError, DataError
+from tldist.paths import check_output_dir, make_output_dir
 
 log = logging.getLogger("tldist.data")
 
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]{1,90}$")
 _SPLIT_OK = re.compile(r"^[A-Za-z0-9_-]+$")
-_EXTS = {normalize_ext(e) for e in IMAGE_EXTS}
 CHECKS = ("header", "decode", "verify", "none")
 DEFAULT_CHECK = "header"
 """Reads format, size and mode and checks the file is complete (JPEG end marker, PNG ``IEND``, WebP
 RIFF length); other formats are decoded with PIL. It catches what ``decode`` catches on truncated and
 garbage files at a fraction of the cost, but not corrupt data inside a complete file (BENCHMARKS.md)."""
 _HEADER_FORMATS = {"JPEG", "MPO", "PNG", "WEBP"}
-VAL_DIR_NAMES = ("val", "valid", "validation")
 
 
-class _Skip(Exception):
+class SkipSample(Exception):
     """A sample whose image cannot be used; the writer skips and counts it. Object addresses
     (``<_io.BytesIO object at 0x7f...>``) are cut from the message, so it is the same in every run."""
 
@@ -77,34 +76,37 @@ def header_problem(data: bytes) -> str:
     return ""
 
 
-def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, check: str,
+def prepare_image(s: Sample, reencode: Optional[str], quality: int, max_side: int, check: str,
              decoders: Sequence[str]) -> tuple[bytes, str]:
     """Check (and optionally re-encode/resize) one sample's image; return ``(bytes, ext)``.
 
     ``check='header'`` runs :func:`header_problem`; ``check='decode'`` runs :func:`~tldist.data.transforms.decode_image` with each of
     ``decoders``, exactly as the training loader will. A re-encode stores the pixels that
-    decoding gives (EXIF orientation applied, 8-bit), without the orientation tag.
+    decoding gives (EXIF orientation applied, 8-bit), without the orientation tag. A format other than
+    :data:`~tldist.data.manifest.STORED_EXTS` (BMP, TIFF, PPM/PGM, GIF...) is always re-encoded, to
+    lossless PNG unless ``reencode`` names another format, so every sample has a standard member name.
     """
     from PIL import Image
 
     if s.error:
-        raise _Skip(s.error)
+        raise SkipSample(s.error)
     if not s.data:
-        raise _Skip("empty image data")
+        raise SkipSample("empty image data")
     if check == "header":
         problem = header_problem(s.data)
         if problem:
-            raise _Skip(problem)
+            raise SkipSample(problem)
     if check == "decode":
         for decoder in decoders:
             try:
                 decode_image(s.data, decoder)
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...; torchvision RuntimeError
-                raise _Skip(f"cannot decode with {decoder}: {type(e).__name__}: {e}") from None
-    if not reencode and not max_side and check != "verify":
+                raise SkipSample(f"cannot decode with {decoder}: {type(e).__name__}: {e}") from None
+    odd = s.ext not in STORED_EXTS
+    if not reencode and not max_side and check != "verify" and not odd:
         return s.data, s.ext
     try:
-        if not reencode:
+        if not reencode and not odd:
             with Image.open(io.BytesIO(s.data)) as im:
                 if check == "verify":
                     im.verify()  # structure only; size comes from the header read by open
@@ -114,7 +116,7 @@ def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, ch
     except (ConfigError, DataError):
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise _Skip(f"cannot decode: {type(e).__name__}: {e}") from None
+        raise SkipSample(f"cannot decode: {type(e).__name__}: {e}") from None
     # resizing and encoding a decoded image cannot fail on bad bytes: an error here is not skipped
     if max_side > 0 and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
@@ -122,10 +124,13 @@ def _prepare(s: Sample, reencode: Optional[str], quality: int, max_side: int, ch
     return encode_image(img, fmt, quality), normalize_ext(fmt)
 
 
-def check_key(key: Any, origin: str, seen: set[str]) -> None:
-    """Raise :class:`DataError` unless ``key`` is tar-safe and not in ``seen``; add it to ``seen``."""
+def check_key(key: Any, origin: str, seen: Optional[set[str]]) -> None:
+    """Raise :class:`DataError` unless ``key`` is tar-safe and not in ``seen``; add it to ``seen`` (None: the form
+    only)."""
     if not isinstance(key, str) or not _KEY_OK.match(key):
         raise DataError(f"sample key {key!r} ({origin}) must be 1-90 letters, digits, '_' or '-'")
+    if seen is None:
+        return
     if key in seen:
         raise DataError(f"duplicate sample key '{key}' ({origin}); keys must be unique in a shard set")
     seen.add(key)
@@ -137,12 +142,13 @@ def check_sample(s: Sample, num_classes: int) -> str:
     if isinstance(s.label, bool) or not isinstance(s.label, int) or not 0 <= s.label < num_classes:
         raise DataError(f"sample '{s.key}' ({s.origin}) has label {s.label!r}, not in 0..{num_classes - 1}")
     ext = normalize_ext(s.ext)
-    if ext not in _EXTS:
-        raise DataError(f"sample '{s.key}' ({s.origin}) has extension '{s.ext}'; use one of {sorted(_EXTS)}")
+    if ext not in SOURCE_IMAGE_EXTS:
+        raise DataError(f"sample '{s.key}' ({s.origin}) has extension '{s.ext}'; use one of "
+                        f"{sorted(SOURCE_IMAGE_EXTS)}")
     return ext
 
 
-def _check_options(split: str, classes: list[str], max_count: Optional[int], max_size: Optional[float],
+def check_options(split: str, classes: list[str], max_count: Optional[int], max_size: Optional[float],
                    min_shards: int, reencode: Optional[str], quality: int, max_side: int, check: str,
                    decoders: Sequence[str]) -> None:
     if not split or not _SPLIT_OK.match(split):
@@ -168,10 +174,9 @@ def _check_options(split: str, classes: list[str], max_count: Optional[int], max
         raise ConfigError(f"decoders {bad or list(decoders)!r}: give a non-empty list of {', '.join(DECODERS)}")
 
 
-def _prepare_out(out_dir: Path, split: str) -> None:
-    """Refuse an output path that is a file, or a directory holding another split's shard set."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"output '{out_dir}' exists and is not a directory")
+def prepare_out(out_dir: Path, split: str) -> None:
+    """Refuse an output path that is (or lies under) a file, or a directory holding another split's shard set."""
+    check_output_dir(out_dir, "output")
     if (out_dir / MANIFEST_NAME).is_file():
         try:
             old_split = load_manifest(out_dir).split
@@ -201,16 +206,18 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
     """
     out_dir = Path(out_dir)
     reencode = normalize_ext(reencode) if reencode else None
-    _check_options(split, classes, max_count, max_size, min_shards, reencode, quality, max_side, check, decoders)
+    check_options(split, classes, max_count, max_size, min_shards, reencode, quality, max_side, check, decoders)
     decoders = list(decoders)
-    _prepare_out(out_dir, split)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out(out_dir, split)
+    make_output_dir(out_dir, "output")
     count_cap = max_count or 2**62
     if min_shards > 1 and hasattr(samples, "__len__") and len(samples) > 0:
         count_cap = min(count_cap, max(1, math.ceil(len(samples) / min_shards)))
     pattern = str(out_dir).replace("%", "%%") + f"/{split}-%06d.tar"
     handles: dict[str, Any] = {}
     counts: dict[str, int] = {}
+    offsets: dict[str, list[list[int]]] = {}  # the sparse seek index (ShardInfo.offsets) of each shard
+    ends: dict[str, int] = {}  # byte offset where the last sample written to a shard ended
 
     def opener(fname: str):
         handles[fname] = open(fname + ".partial", "wb")
@@ -219,6 +226,8 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
 
     seen: set[str] = set()
     skipped: list[str] = []
+    class_counts = [0] * len(classes)
+    reencoded: Counter = Counter()
     try:
         with wds.ShardWriter(pattern, maxcount=count_cap, maxsize=max_size or float("inf"), verbose=0,
                              opener=opener, post=lambda fname: handles[fname].close(), encoder=False, mtime=0) as sink:
@@ -226,15 +235,22 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
                 check_key(s.key, s.origin, seen)
                 ext = check_sample(s, len(classes))
                 try:
-                    data, ext = _prepare(Sample(s.key, s.data, ext, s.label, s.origin, s.error),
+                    data, ext = prepare_image(Sample(s.key, s.data, ext, s.label, s.origin, s.error),
                                          reencode, quality, max_side, check, decoders)
-                except _Skip as e:
+                except SkipSample as e:
                     skipped.append(f"{s.origin or s.key}: {e}")
                     if len(skipped) <= 20:
                         log.warning("skipping %s: %s", s.origin or s.key, e)
                     continue
+                if ext != normalize_ext(s.ext):
+                    reencoded[f"{normalize_ext(s.ext)} -> {ext}"] += 1
                 sink.write({"__key__": s.key, ext: data, "cls": str(s.label).encode()})
+                index = counts[sink.fname]  # the shard the sample went to (write() opens the next one first)
+                if index % SEEK_EVERY == 0:
+                    offsets.setdefault(sink.fname, []).append([index, ends.get(sink.fname, 0)])
+                ends[sink.fname] = sink.tarstream.tarstream.offset  # tarfile's position: the next member starts here
                 counts[sink.fname] += 1
+                class_counts[s.label] += 1
         written = [f for f in sorted(counts) if counts[f] > 0]
         if not written:
             raise DataError(f"no usable samples for '{out_dir}' ({len(skipped)} skipped"
@@ -264,76 +280,12 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
                    "decoders": decoders if check == "decode" else []},
         "skipped": len(skipped),
         "skipped_examples": skipped[:10],
+        "class_counts": class_counts,
+        "reencoded": dict(sorted(reencoded.items())),
     }
     full_meta.update(meta or {})
     manifest = Manifest(split=split, classes=list(classes),
-                        shards=[ShardInfo(Path(f).name, counts[f]) for f in written], meta=full_meta, base=str(out_dir))
+                        shards=[ShardInfo(Path(f).name, counts[f], offsets=offsets.get(f, [])) for f in written],
+                        meta=full_meta, base=str(out_dir))
     manifest.save(out_dir / MANIFEST_NAME)
     return manifest
-
-
-def _write_split(samples: SampleSource, out_dir: Path, split: str, classes: list[str], **kw: Any) -> Optional[Manifest]:
-    """Sources with random access go through the planned writer: ``workers``, ``rank``/``world``
-    (a part of the write; then ``None`` is returned), resume, ``progress``; see :mod:`tldist.data.ingest`."""
-    from tldist.data.ingest import write_planned
-
-    return write_planned(samples, out_dir, split, classes, **kw)
-
-
-def imagefolder_layout(root: str | Path) -> Optional[dict[str, Path]]:
-    """``{'train': root/train, 'val': root/val}`` when ``root`` holds split trees, else ``None``."""
-    root = Path(root)
-    train = root / "train"
-    val = next((root / n for n in VAL_DIR_NAMES if (root / n).is_dir()), None)
-    if train.is_dir() and val is not None and any(p.is_dir() for p in train.iterdir()):
-        return {"train": train, "val": val}
-    return None
-
-
-def write_imagefolder(root: str | Path, out_dir: str | Path, *, split: str = "train", val_fraction: float = 0.0,
-                      seed: int = 0, shuffle: bool = True, keep_empty_classes: bool = False,
-                      **write_kw: Any) -> dict[str, Manifest]:
-    """Shard an image-folder tree into ``out_dir/<split>``; one call writes train and val when possible.
-
-    If ``root`` has ``train/`` and ``val/`` trees both are written (val uses train's classes);
-    else with ``val_fraction > 0`` a seeded stratified split writes ``train`` and ``val``;
-    else the whole tree becomes ``split``. Empty class folders raise :class:`DataError`
-    unless ``keep_empty_classes``. Writing is planned, parallel (``workers=N``) and resumable
-    (:mod:`tldist.data.ingest`). Returns ``{split: Manifest}``.
-    """
-    out_dir = Path(out_dir)
-    layout = imagefolder_layout(root)
-    result: dict[str, Manifest] = {}
-    if layout:
-        if val_fraction:
-            raise ConfigError(f"'{root}' already has train/ and {layout['val'].name}/ trees; drop the val fraction")
-        classes, train = samples_from_imagefolder(layout["train"], split="train", seed=seed, shuffle=shuffle,
-                                                  keep_empty_classes=keep_empty_classes)
-        result["train"] = _write_split(train, out_dir / "train", "train", classes, **write_kw)
-        _, val = samples_from_imagefolder(layout["val"], split="val", seed=seed, classes=classes, shuffle=shuffle)
-        result["val"] = _write_split(val, out_dir / "val", "val", classes, **write_kw)
-        return result
-    splits = ("train", "val") if val_fraction else (split,)
-    for name in splits:
-        classes, samples = samples_from_imagefolder(root, split=name, val_fraction=val_fraction, seed=seed,
-                                                    shuffle=shuffle, keep_empty_classes=keep_empty_classes)
-        result[name] = _write_split(samples, out_dir / name, name, classes, **write_kw)
-    return result
-
-
-def write_csv(path: str | Path, out_dir: str | Path, *, root: Optional[str | Path] = None,
-              classes: Optional[list[str]] = None, split: str = "train", val_fraction: float = 0.0, seed: int = 0,
-              shuffle: bool = True, **write_kw: Any) -> dict[str, Manifest]:
-    """Shard the images listed in a ``path,label`` CSV into ``out_dir/<split>``.
-
-    With ``val_fraction > 0`` a seeded stratified split of the rows writes ``out_dir/train``
-    and ``out_dir/val`` (as :func:`write_imagefolder` does); else all rows become ``split``.
-    See :func:`~tldist.data.sources.samples_from_csv` for the file format. Returns ``{split: Manifest}``.
-    """
-    out_dir = Path(out_dir)
-    result: dict[str, Manifest] = {}
-    for name in (("train", "val") if val_fraction else (split,)):
-        names, samples = samples_from_csv(path, root, classes=classes, split=name, val_fraction=val_fraction,
-                                          seed=seed, shuffle=shuffle)
-        result[name] = _write_split(samples, out_dir / name, name, names, **write_kw)
-    return result

@@ -35,7 +35,14 @@ import zlib
 from pathlib import Path
 from typing import Any, Optional
 
+from tldist.artifacts.checkpoint import latest_checkpoint
+from tldist.artifacts.layout import RunDir
+from tldist.config import config_from_dict
 from tldist.errors import UserError
+from tldist.launch.signals import StopSignals
+from tldist.train.loop import clear_stop_request, request_stop
+from tldist.train.main import run
+from tldist.world import gather_objects, is_peer_failure
 
 log = logging.getLogger("tldist.launch")
 
@@ -99,10 +106,8 @@ def _counter_file(job_env: Any, folder: Optional[Path]) -> Optional[Path]:
 
 def choose_resume(cfg: Any) -> str:
     """``auto`` unless this is the first attempt of a job warm-started from an explicit checkpoint."""
-    from tldist.train.checkpoint import CheckpointManager
-
     resume = cfg.checkpoint.resume
-    has_own = CheckpointManager(Path(cfg.output_dir) / "checkpoints", keep_last=1, is_main=False).latest() is not None
+    has_own = latest_checkpoint(RunDir.of(cfg.output_dir).checkpoints) is not None
     if resume not in ("auto", "none") and not has_own:
         return resume
     if resume != "auto":
@@ -132,17 +137,11 @@ class TrainJob:
         requeue the same job; the periodic checkpoints and ``resume=auto`` do the rest."""
         from submitit.core.utils import DelayedSubmission
 
-        from tldist.train.loop import request_stop
-
         request_stop()
         return DelayedSubmission(self, *args, **kwargs)
 
     def __call__(self) -> dict[str, Any]:
         import submitit
-
-        from tldist.config import config_from_dict
-        from tldist.launch.signals import StopSignals, clear_stop_request
-        from tldist.train.main import run
 
         job_env = submitit.JobEnvironment()
         logging.getLogger("submitit").propagate = False  # it has its own handler: no doubled lines
@@ -167,7 +166,7 @@ class TrainJob:
                     raise SystemExit(2) from None
                 raise
             except Exception as e:
-                if "SIGTERM" not in stop.received and lost_peer(e):
+                if "SIGTERM" not in stop.received and is_peer_failure(e):
                     # A peer rank vanished (its node failed or was cut off, or it was killed). SLURM requeues
                     # or fails the job; a submitit result from this task would be read as the job's outcome
                     # while the requeued attempt is still running (seen: an orphaned rank on a cut-off node
@@ -193,8 +192,6 @@ class TrainJob:
     # -- after a signal ----------------------------------------------------------------------------
     def _after_stop(self, job_env: Any, stop: Any, restarts: int, output_dir: str) -> None:
         """Requeue (rank 0) or give up, then leave without a submitit result. Always raises."""
-        from tldist.train.checkpoint import gather_objects
-
         received = [s for names in gather_objects(list(stop.received)) for s in names]  # every rank's signals
         # SIGTERM too means SLURM itself is ending the job (preemption with GraceTime, scancel,
         # scontrol requeue): it requeues or cancels it; a second requeue from here would race with it.
@@ -221,23 +218,6 @@ class TrainJob:
                 raise RuntimeError(f"could not requeue job {job_env.job_id} ({e}); the latest checkpoint is in "
                                    f"{where}: resubmit the same command to continue") from None
         raise SystemExit(STOPPED_EXIT_CODE)
-
-
-_LOST_PEER_MARKERS = ("gloo/transport", "Connection closed by peer", "Connection reset by peer",
-                      "Timed out waiting", "Broken pipe", "NCCL communicator was aborted")
-
-
-def lost_peer(exc: BaseException) -> bool:
-    """Did a collective fail because another rank is gone (timeout, connection closed)?"""
-    try:
-        from torch.distributed import DistError
-
-        if isinstance(exc, DistError):
-            return True
-    except ImportError:  # pragma: no cover - torch without distributed
-        pass
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(m in text for m in _LOST_PEER_MARKERS)
 
 
 def _limit_threads() -> None:

@@ -16,20 +16,18 @@ returns with ``stopped=True``. The caller then decides about the requeue (see
 :mod:`tldist.launch.job`). Forked DataLoader workers inherit these handlers, so signals that
 SLURM sends to every process of a step do not kill them.
 
-:func:`die_with_parent` covers the opposite case: a launcher that is
-killed (``kill -9`` of ``accelerate launch``, or of its process group) must take its training
-processes with it. torch-elastic starts each rank in a session of its own, so without this they
-would run on as orphans and keep writing checkpoints into ``output_dir``.
+:func:`tldist.world.die_with_parent` covers the opposite case: a launcher that is killed must take
+its training processes with it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import sys
 import threading
 from typing import Any, Optional
+
+from tldist.train.loop import request_stop
 
 log = logging.getLogger("tldist.launch")
 
@@ -67,8 +65,6 @@ class StopSignals:
         return bool(self.received)
 
     def _handle(self, signum: int, frame: Optional[Any] = None) -> None:
-        from tldist.train.loop import request_stop
-
         name = signal.Signals(signum).name
         first = not self.received
         self.received.append(name)
@@ -96,90 +92,3 @@ class StopSignals:
 
     def __exit__(self, *exc: Any) -> None:
         self.restore()
-
-
-def clear_stop_request() -> None:
-    """Forget a stop requested earlier in this process (jobs run in-process by submitit's debug
-    executor share the flag of :mod:`tldist.train.loop`)."""
-    from tldist.train import loop
-
-    flag = getattr(loop, "_STOP", None)
-    if flag is not None and hasattr(flag, "clear"):
-        flag.clear()
-
-
-# ---------------------------------------------------------------------------------------- parent death
-PR_SET_PDEATHSIG = 1
-"""``prctl`` option: the signal this process gets when the thread that created it exits (Linux)."""
-_LAUNCHER_COMMANDS = ("python", "accelerate", "torchrun")
-
-
-def launcher_parent() -> str | None:
-    """The launcher whose child this process is, when its death must end this process: ``torchelastic``
-    (a rank of ``accelerate launch`` / ``torchrun``), ``submitit-local`` (a task of submitit's local
-    executor); None otherwise (a shell, srun/slurmstepd, which ends its tasks itself, a test)."""
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return "torchelastic"
-    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
-        return "submitit-local"
-    return None
-
-
-def _command_of(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _parent_gone(expected: int | None, before: int) -> bool:
-    now = os.getppid()
-    if expected is not None:
-        return now != expected
-    if now != before:  # re-parented between the first look and prctl
-        return True
-    # Re-parented to init before we looked: getppid() is 1. Unless pid 1 is the launcher itself
-    # (a container whose entrypoint is `accelerate launch`), the parent is gone.
-    return now == 1 and not _command_of(1).startswith(_LAUNCHER_COMMANDS)
-
-
-def die_with_parent(sig: int = signal.SIGTERM, *, parent_pid: int | None = None, always: bool = False) -> bool:
-    """End this process with ``sig`` when the launcher that started it dies (Linux; a no-op elsewhere).
-
-    Acts only in a process started by a launcher (:func:`launcher_parent`: torch-elastic or submitit's
-    local executor), or with ``parent_pid`` or ``always=True``: ``tldist train`` started from a shell
-    (``nohup tldist train ... &``) must survive that shell. Returns True when armed (or when ``sig``
-    was sent because the parent was already gone), False when it did nothing.
-
-    Uses ``prctl(PR_SET_PDEATHSIG, sig)``. As that only covers a parent that dies *after* the call,
-    the parent is checked once more: if it is already gone (``getppid()`` differs from
-    ``parent_pid``, or changed during the call, or is init while init is not a launcher), ``sig`` is
-    sent to this process at once. With :class:`StopSignals` installed, SIGTERM becomes a graceful
-    stop (every rank checkpoints, then exits); without it, the default action ends the process.
-
-    Caveats (Linux semantics): the signal comes when the parent *thread* that started this process
-    exits (torch-elastic starts ranks from its main thread); it is cleared in the child of a
-    ``fork()`` and by exec of a set-uid binary; a re-parenting to a subreaper other than init
-    before this call is only detected with ``parent_pid``. Call it early in each rank.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    if parent_pid is None and not always and launcher_parent() is None:
-        return False
-    import ctypes
-
-    before = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
-            return False
-    except (OSError, AttributeError) as e:
-        log.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", e)
-        return False
-    if _parent_gone(parent_pid, before):
-        log.warning("the launcher (parent of pid %d) is already gone: stopping with %s", os.getpid(),
-                    signal.Signals(sig).name)
-        os.kill(os.getpid(), sig)
-    return True

@@ -23,7 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from tldist.config import load_config, val_set_entries
+from tldist.data.manifest import load_manifest
+from tldist.data.pipeline import check_data_config
 from tldist.errors import ConfigError, UserError
+from tldist.launch.job import TrainJob
 
 JOB_NAME_PREFIX = "tldist"
 """Every job submitted by tldist is named ``tldist-...``; ``tldist status``/``cancel --all`` use it."""
@@ -39,6 +43,10 @@ class Resources:
     """What to ask SLURM for (the ``tldist submit`` flags)."""
 
     nodes: int = 1
+    """Nodes to ask for (the most, with ``min_nodes``)."""
+    min_nodes: int = 0
+    """The fewest nodes the job may run on (sbatch's ``--nodes=min-max``); 0: exactly ``nodes``. A job requeued
+    after losing a node then comes back on the nodes left and resumes on them (checkpoints are resharded)."""
     gpus_per_node: int = 0
     tasks_per_node: int = 0
     """Tasks (training processes) per node; 0 means one per GPU (or 1 without GPUs)."""
@@ -57,6 +65,19 @@ class Resources:
     name: Optional[str] = None
     extra_setup: list[str] = field(default_factory=list)
     """Shell lines run in the batch script before ``srun`` (module loads, exports)."""
+    gres: Optional[str] = None
+    """sbatch ``--gres`` (generic resources, e.g. ``gpu:a100:4``)."""
+    nodelist: Optional[str] = None
+    """sbatch ``--nodelist``: run on these nodes."""
+    exclude: Optional[str] = None
+    """sbatch ``--exclude``: never run on these nodes."""
+    reservation: Optional[str] = None
+    """sbatch ``--reservation``."""
+    dependency: Optional[str] = None
+    """sbatch ``--dependency`` (e.g. ``afterok:1234``)."""
+    array_parallelism: Optional[int] = None
+    """Job arrays (sweeps, studies): at most this many tasks at once (sbatch ``--array=0-N%P``); None:
+    submitit's default (256)."""
 
     @property
     def ntasks_per_node(self) -> int:
@@ -65,8 +86,12 @@ class Resources:
     def check(self) -> "Resources":
         """Reject impossible requests; the message names the flag."""
         _at_least("--nodes", self.nodes, 1)
+        if self.min_nodes and not 1 <= self.min_nodes <= self.nodes:
+            raise UserError(f"--min-nodes {self.min_nodes} is invalid: use a value from 1 to --nodes ({self.nodes})")
         _at_least("--gpus-per-node", self.gpus_per_node, 0)
-        _at_least("--tasks-per-node", self.tasks_per_node, 0)
+        _at_least("--ntasks-per-node", self.tasks_per_node, 0)
+        if self.array_parallelism is not None:
+            _at_least("--array-parallelism", self.array_parallelism, 1)
         if self.cpus_per_task is not None:
             _at_least("--cpus-per-task", self.cpus_per_task, 1)
         _at_least("--max-requeues", self.max_requeues, 0)
@@ -123,11 +148,22 @@ def executor_parameters(res: Resources, job_name: str) -> dict[str, Any]:
         params["cpus_per_task"] = res.cpus_per_task
     package_root = Path(__file__).resolve().parents[2]  # the job unpickles tldist.launch.job.TrainJob
     setup = [f'export PYTHONPATH={shlex.quote(str(package_root))}"${{PYTHONPATH:+:$PYTHONPATH}}"', *res.extra_setup]
-    params.update(slurm_signal_delay_s=res.signal_delay_s, slurm_setup=setup,
-                  slurm_additional_parameters={"requeue": True},  # requeueable even where JobRequeue=0
-                  slurm_srun_args=list(SRUN_ARGS))
-    for key in ("partition", "account", "qos", "constraint", "mem"):
-        if getattr(res, key):
+    extra: dict[str, Any] = {"requeue": True}  # requeueable even where JobRequeue=0
+    srun_args = list(SRUN_ARGS)
+    if res.min_nodes and res.min_nodes < res.nodes:
+        extra["nodes"] = f"{res.min_nodes}-{res.nodes}"  # sbatch --nodes=min-max (submitit counts tasks for max)
+        # sbatch turns --ntasks-per-node into --ntasks=min*per-node, which caps the job at min nodes even when
+        # more are free: reserve each node's CPUs with --mincpus instead, and start the tasks per node with srun
+        del params["tasks_per_node"]
+        extra["mincpus"] = res.ntasks_per_node * (res.cpus_per_task or 1)
+        srun_args.append(f"--ntasks-per-node={res.ntasks_per_node}")
+    if res.reservation:  # no submitit parameter of its own
+        extra["reservation"] = res.reservation
+    params.update(slurm_signal_delay_s=res.signal_delay_s, slurm_setup=setup, slurm_additional_parameters=extra,
+                  slurm_srun_args=srun_args)
+    for key in ("partition", "account", "qos", "constraint", "mem", "gres", "nodelist", "exclude", "dependency",
+                "array_parallelism"):
+        if getattr(res, key):  # submitit's slurm_<key> = sbatch --<key>
             params[f"slurm_{key}"] = getattr(res, key)
     if res.exclusive:
         params["slurm_exclusive"] = True
@@ -163,12 +199,12 @@ def make_executor(folder: str | Path, res: Resources, job_name: str):
 
 # ---------------------------------------------------------------------------------------- config
 def load_checked_config(config: str, overrides: list[str]):
-    """Load + validate a config and check its shard manifests exist; raises UserError naming the problem."""
-    from tldist.config import load_config
-    from tldist.data.manifest import load_manifest
-
+    """Load + validate a config (the job's and the data's rules) and check its shard manifests exist;
+    raises UserError naming the problem before anything is submitted."""
     cfg = load_config(config, overrides).validate()
-    locations = [*cfg.data.train, *([cfg.data.val] if cfg.data.val else []), *getattr(cfg.data, "val_sets", [])]
+    check_data_config(cfg.data)
+    locations = [*cfg.data.train, *([cfg.data.val] if cfg.data.val else []),
+                 *(v.path for v in val_set_entries(cfg.data.val_sets))]
     for location in locations:
         if not str(location).startswith(("http://", "https://")):  # no network from the login node
             load_manifest(location)
@@ -202,8 +238,6 @@ def _log_lines(job: Any) -> list[str]:
 def submit_training(config: str, overrides: list[str], res: Resources, *, folder: Optional[str] = None,
                     dry_run: bool = False, echo: Callable[[str], None] = print):
     """Submit one training job; returns the submitit job (None with ``dry_run``)."""
-    from tldist.launch.job import TrainJob
-
     res.check()
     cfg = load_checked_config(config, overrides)
     root = Path(folder).expanduser().resolve() if folder else Path(cfg.output_dir) / "submitit"
@@ -217,7 +251,8 @@ def submit_training(config: str, overrides: list[str], res: Resources, *, folder
     executor = make_executor(job_folder(root, res.cluster), res, name)
     with _submission_errors(res):
         job = executor.submit(TrainJob(cfg.to_dict(), max_requeues=res.max_requeues))
-    echo(f"submitted job {job.job_id} ({name}: {res.nodes} node(s) x {res.ntasks_per_node} task(s), "
+    nodes = f"{res.min_nodes}-{res.nodes}" if res.min_nodes and res.min_nodes < res.nodes else str(res.nodes)
+    echo(f"submitted job {job.job_id} ({name}: {nodes} node(s) x {res.ntasks_per_node} task(s), "
          f"cluster {res.cluster}, max {res.max_requeues} requeues)")
     echo(f"  output_dir: {cfg.output_dir}")
     for line in _log_lines(job):
@@ -275,8 +310,6 @@ def run_label(combo: list[tuple[str, str]]) -> str:
 def submit_sweep(config: str, overrides: list[str], res: Resources, *, folder: Optional[str] = None,
                  dry_run: bool = False, echo: Callable[[str], None] = print) -> list:
     """Validate every combination, then submit them as one job array; returns the jobs."""
-    from tldist.launch.job import TrainJob
-
     res.check()
     fixed, combos = expand_sweep(overrides)
     base = load_checked_config(config, fixed)
@@ -318,8 +351,6 @@ def submit_sweep(config: str, overrides: list[str], res: Resources, *, folder: O
 def submit_configs(cfgs: list, res: Resources, *, root: str | Path, name: str) -> list:
     """Submit already validated configs (each its own ``output_dir``) as one job array of
     :class:`~tldist.launch.job.TrainJob`; returns the submitit jobs (``tldist study`` uses it)."""
-    from tldist.launch.job import TrainJob
-
     res.check()
     executor = make_executor(job_folder(Path(root), res.cluster), res, name)
     with _submission_errors(res), executor.batch():

@@ -1,6 +1,7 @@
 """Build a backbone with a new classification head, and describe it with :class:`ModelInfo`.
 
-Weights come from, in priority order: ``model.checkpoint`` (a local file or directory),
+Weights come from, in priority order: a :class:`~tldist.models.checkpoint_io.WeightsSource` (what
+``model.checkpoint`` resolves to),
 the torchvision weights enum / timm's pretrained weights (``model.pretrained=true``), or a
 random init. Pretrained torchvision weights are read from the torch hub cache and only
 downloaded when absent; offline machines get a :class:`UserError` naming the file to put there.
@@ -21,7 +22,6 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,14 +29,15 @@ import torch
 from torch import nn
 
 from tldist.config import ModelConfig
+from tldist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tldist.errors import ConfigError, UserError
 from tldist.models import drop_path
+from tldist.models.checkpoint_io import WeightsSource, load_state
+from tldist.models.info import ModelInfo, timm_arch_kwargs, under
 from tldist.safeload import load_pickle_free
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 20.0
 """Seconds to wait for the weights server to answer (also the per-read socket timeout)."""
 
@@ -49,76 +50,42 @@ _BLOCK_CLASSES = {
 # Containers whose children are the stages (torchvision and timm naming).
 _EXPAND = {"features", "encoder", "layers", "trunk_output", "blocks", "stages", "network", "levels"}
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-_IGNORED_EXTRA_KEYS = ("AuxLogits.", "aux1.", "aux2.")  # inception/googlenet auxiliary heads
 
 
-@dataclass
-class ModelInfo:
-    """What the data pipeline, transfer strategy, optimizer and FSDP wrapping need to know."""
-
-    name: str = ""
-    """``model.name`` as configured (``resnet18``, ``timm:vit_small_patch16_224``...)."""
-    num_classes: int = 0
-    input_size: int = 224
-    """Square input resolution the model expects (the weights' crop size unless overridden)."""
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    """Resize interpolation of the weights' preprocessing: ``bilinear`` or ``bicubic``."""
-    crop_pct: float = 0.875
-    """Eval center-crop fraction of the weights (torchvision: ``crop_size / resize_size`` of
-    ``weights.transforms()``, e.g. 224/232 for ResNet50 V2; timm: ``pretrained_cfg["crop_pct"]``):
-    resize to ``floor(size / crop_pct)``, crop ``size`` (:func:`tldist.data.transforms.eval_preprocess`)."""
-    head: list[str] = field(default_factory=list)
-    """Parameter-name prefixes of the new classification head (e.g. ``["fc"]``)."""
-    stages: list[str] = field(default_factory=list)
-    """Module names from stem to last stage; parameters outside them belong to the preceding stage."""
-    block_class_names: list[str] = field(default_factory=list)
-    """Block classes present in the model, suggested as FSDP wrap units (may be empty)."""
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Constructor keyword arguments (JSON values) that shape the forward pass beyond the input size and
-    class count, e.g. ``{"transform_input": true}`` for a pretrained googlenet/inception_v3 (torchvision's
-    builder sets it with the weights) or ``{"bn_eps": 0.001}`` for timm's pretrained ``fbnetc_100``.
-    Saved as ``model_kwargs`` in ``trainer.json`` and ``model.json``; a model rebuilt from that
-    checkpoint or export is constructed with them, so it computes what the saved model computed."""
-
-
-def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0,
+def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0, source: Optional[WeightsSource] = None,
                 require_head: bool = False) -> tuple[nn.Module, ModelInfo]:
     """Build ``cfg.name`` with a fresh ``num_classes`` head; returns the model (CPU, fp32) and its info.
 
     ``image_size`` (0: the weights' own size) sets the input resolution; it matters for
     ViTs, whose position embeddings are built for (and, when pretrained, resized to) it.
-    ``cfg.checkpoint``, when set, is loaded instead of the pretrained weights; with
-    ``require_head`` (scoring or exporting a trained model) its head must fit ``num_classes``.
+    ``source`` (weights read by :func:`~tldist.models.checkpoint_io.read_weights_file` or, for a tldist
+    checkpoint or export, by :func:`tldist.artifacts.resolve.weights_source`; ``model.checkpoint``) is
+    loaded instead of the pretrained weights; with ``require_head`` (scoring or exporting a trained
+    model) its head must fit ``num_classes``. ``cfg.checkpoint`` itself is not read here: resolve it
+    first (:func:`tldist.artifacts.resolve.build_configured_model`).
 
-    The architecture's constructor arguments (:attr:`ModelInfo.model_kwargs`) come from, in order:
-    the ``model_kwargs`` a tldist checkpoint (``trainer.json``) or export (``model.json``) records; for
-    older tldist checkpoints, their ``config.yaml`` (pretrained and no checkpoint of its own: the
-    pretrained architecture); for other trainers' ``.pth`` files, their saved ``args`` (torchvision's
-    ``args.weights``, timm's ``args.pretrained``/``bn_eps``/``gp``/``model_kwargs``); else
-    ``cfg.pretrained``: the architecture of the pretrained weights (e.g. googlenet with
-    ``transform_input=True``), whether or not a plain state-dict checkpoint replaces them.
+    The architecture's constructor arguments (:attr:`ModelInfo.model_kwargs`) come from ``source.arch``
+    when it records them (a tldist checkpoint or export records ``model_kwargs``; older tldist
+    checkpoints only whether they had the pretrained architecture; torchvision's and timm's ``.pth``
+    files their ``args``), else from ``cfg.pretrained``: the architecture of the pretrained weights
+    (e.g. googlenet with ``transform_input=True``), whether or not a plain state dict replaces them.
+    A structurally pruned source gives the model its pruned layer widths.
 
-    Raises :class:`ConfigError` for a bad name/weights/class count, :class:`UserError` for a
-    checkpoint that is missing, unreadable, unsafe (:class:`~tldist.safeload.UnsafeFileError`) or
-    does not fit, and for pretrained weights that are neither cached nor downloadable.
+    Raises :class:`ConfigError` for a bad name/weights/class count, :class:`UserError` for weights
+    that do not fit, and for pretrained weights that are neither cached nor downloadable.
     """
     if num_classes < 1:
         raise ConfigError(f"config key 'model.num_classes' has bad value {num_classes!r}: must be >= 1")
-    from tldist.models.checkpoint_io import _load_state, _read_checkpoint
-
-    source = _read_checkpoint(Path(cfg.checkpoint).expanduser(), cfg.name) if cfg.checkpoint else None
-    # The architecture: as the checkpoint recorded it, else as model.pretrained says (see _Checkpoint.arch).
+    # The architecture: as the source recorded it, else as model.pretrained says (see WeightsSource.arch).
     arch: dict[str, Any] | bool = cfg.pretrained if source is None or source.arch is None else source.arch
-    where = f"model.checkpoint '{source.path}'" if source is not None else f"model '{cfg.name}'"
+    where = source.label if source is not None else f"model '{cfg.name}'"
     if cfg.name.startswith("timm:"):
-        model, info = _build_timm(cfg, num_classes, image_size, arch, where)
+        model, info = _build_timm(cfg, num_classes, image_size, arch, where, has_source=source is not None)
     else:
-        model, info = _build_torchvision(cfg, num_classes, image_size, arch, where)
+        model, info = _build_torchvision(cfg, num_classes, image_size, arch, where, has_source=source is not None)
     info.block_class_names = _block_names(model)
     if source is not None:
-        _load_state(model, info, source.state, source.path, require_head=require_head)
+        load_state(model, info, source, require_head=require_head)
     return model, info
 
 
@@ -126,7 +93,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int = 0,
 
 
 def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int, arch: dict[str, Any] | bool,
-                       where: str) -> tuple[nn.Module, ModelInfo]:
+                       where: str, *, has_source: bool = False) -> tuple[nn.Module, ModelInfo]:
     from torchvision import models as tvm
     from torchvision.models.vision_transformer import interpolate_embeddings
 
@@ -144,7 +111,7 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int, arch
     if is_vit and size % int(cfg.name.rsplit("_", 1)[-1]):
         raise ConfigError(f"config key 'data.image_size' has bad value {size}: {cfg.name} needs a multiple of its patch size")
     aux = cfg.name in _AUX_HEAD_MODELS  # built without auxiliary heads
-    load = cfg.pretrained and not cfg.checkpoint
+    load = cfg.pretrained and not has_source
     kwargs = _tv_arch_kwargs(cfg.name, weights, pretrained=bool(arch)) if isinstance(arch, bool) else dict(arch)
     sd = drop_path.torchvision_drop_path_kwargs(cfg.name, cfg.drop_path_rate)  # train-mode only: not recorded
     if load:
@@ -166,7 +133,7 @@ def _build_torchvision(cfg: ModelConfig, num_classes: int, image_size: int, arch
     else:
         build = {"image_size": size} if is_vit else {}
         # init_weights: torchvision's (slow) truncated-normal init, pointless when a checkpoint overwrites it
-        build.update({"aux_logits": False, "init_weights": not cfg.checkpoint} if aux else {})
+        build.update({"aux_logits": False, "init_weights": not has_source} if aux else {})
         model = _tv_get_model(cfg.name, {**build, **kwargs, **sd}, where)
     drop_path.apply_drop_path_rate(model, cfg.name, cfg.drop_path_rate)
     head = _torchvision_head(model)
@@ -191,7 +158,7 @@ def _tv_weights_kwargs(name: str, weights: Any) -> dict[str, Any]:
     googlenet/inception_v3: ``transform_input=True`` (the weights expect forward() to re-normalise
     ImageNet-normalised input to [-1, 1]), ``aux_logits=True`` (the file holds the auxiliary heads),
     ``init_weights=False``; maxvit: ``input_size`` = the weights' ``min_size``; vit: ``image_size`` =
-    ``min_size`` (passed by the caller). tests/test_factory.py checks every builder against torchvision's.
+    ``min_size`` (passed by the caller). tests/unit/models/test_factory.py checks every builder against torchvision's.
     """
     if name in _AUX_HEAD_MODELS:
         return {"transform_input": True, "aux_logits": True, "init_weights": False}
@@ -336,21 +303,8 @@ def _init_head(module: nn.Module) -> None:
 # ---------------------------------------------------------------- timm
 
 
-# timm model entrypoints that build differently when called with pretrained=True (an `if pretrained:`
-# before build_model_with_cfg; audit of timm/models/*.py, timm 1.0): pass the same kwargs explicitly so
-# that they are recorded in ModelInfo.model_kwargs and a rebuild without weights matches.
-_TIMM_PRETRAINED_KWARGS: dict[str, dict[str, Any]] = {
-    "fbnetc_100": {"bn_eps": 1e-3},  # "pretrained model trained with non-default BN epsilon"
-}
-
-
-def _timm_arch_kwargs(name: str, *, pretrained: bool) -> dict[str, Any]:
-    """:attr:`ModelInfo.model_kwargs` of timm model ``name`` (``arch`` or ``arch.tag``) with/without weights."""
-    return dict(_TIMM_PRETRAINED_KWARGS.get(name.split(".", 1)[0], {})) if pretrained else {}
-
-
 def _build_timm(cfg: ModelConfig, num_classes: int, image_size: int, arch: dict[str, Any] | bool,
-                where: str) -> tuple[nn.Module, ModelInfo]:
+                where: str, *, has_source: bool = False) -> tuple[nn.Module, ModelInfo]:
     try:
         import timm
     except ImportError:
@@ -366,8 +320,8 @@ def _build_timm(cfg: ModelConfig, num_classes: int, image_size: int, arch: dict[
                           f"{_close(name, timm.list_models(), prefix='timm:')}")
     pcfg = timm.models.get_pretrained_cfg(name)
     size_kw = {"img_size": image_size} if image_size and pcfg is not None and pcfg.fixed_input_size else {}
-    load = cfg.pretrained and not cfg.checkpoint
-    kwargs = _timm_arch_kwargs(name, pretrained=bool(arch)) if isinstance(arch, bool) else dict(arch)
+    load = cfg.pretrained and not has_source
+    kwargs = timm_arch_kwargs(name, pretrained=bool(arch)) if isinstance(arch, bool) else dict(arch)
     try:
         model = timm.create_model(name, pretrained=load, **size_kw,
                                   **{**kwargs, **drop_path.timm_drop_path_kwargs(cfg.drop_path_rate)})
@@ -411,7 +365,7 @@ def _find_stages(model: nn.Module, head: list[str]) -> list[str]:
         for name, child in module.named_children():
             full = prefix + name
             above_head = any(h.startswith(full + ".") for h in head)
-            if next(child.parameters(), None) is None or _under(full, head) or above_head or isinstance(child, _NORMS):
+            if next(child.parameters(), None) is None or under(full, head) or above_head or isinstance(child, _NORMS):
                 continue
             if name in _EXPAND and depth < 2 and len(child._modules):
                 visit(child, full + ".", depth + 1)
@@ -428,14 +382,10 @@ def _block_names(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if type(m).__name__ in _BLOCK_CLASSES:
             found.setdefault(type(m).__name__, []).append(name)
-    return [c for c, names in found.items() if not any(_under(n, found[o]) for o in found if o != c for n in names)]
+    return [c for c, names in found.items() if not any(under(n, found[o]) for o in found if o != c for n in names)]
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _under(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _as_list(v: Any) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from tldist.models.factory import ModelInfo
+from tldist.models.info import ModelInfo
 from tldist.models.transfer import param_stages
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)

@@ -12,7 +12,7 @@ from torch import nn
 
 from tldist.config import TransferConfig
 from tldist.errors import ConfigError
-from tldist.models.factory import ModelInfo
+from tldist.models.info import ModelInfo, under
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -57,11 +57,11 @@ def param_stages(model: nn.Module, info: ModelInfo) -> dict[str, int]:
     current = 0
     for name, _ in model.named_parameters():
         clean = _clean(name)
-        if _under(clean, info.head):
+        if under(clean, info.head):
             out[name] = n
             continue
         for i, stage in enumerate(info.stages):
-            if _under(clean, [stage]):
+            if under(clean, [stage]):
                 current = i
                 break
         out[name] = current
@@ -153,10 +153,6 @@ def _clean(name: str) -> str:
     while name.startswith(_WRAPPER_PREFIXES):
         name = name.split(".", 1)[1]
     return name
-
-
-def _under(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def apply_head_classes(model: nn.Module, info: ModelInfo, *, saved_classes: list[str], classes: list[str],

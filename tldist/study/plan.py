@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tldist.accelerate_env import apply_launcher_settings
+from tldist.config import load_config
+from tldist.data.subset import check_labels_per_class, scan_labels, write_label_subset
 from tldist.errors import UserError
+from tldist.paths import make_output_dir
 
 log = logging.getLogger("tldist")
 
@@ -158,7 +162,8 @@ class StudyPlan:
                 "grid_steps": sum(c.steps for cells in self.grid.values() for c in cells),
                 "loaded_in_process": sorted({k_label(c.k) for c in self.cells
                                              if c.cfg.data.num_workers == 0 and self.base.data.num_workers > 0}),
-                "cells": [c.name for c in self.cells]}
+                "cells": [c.name for c in self.cells],
+                "grid_cells": [c.name for cells in self.grid.values() for c in cells]}
 
 
 def _subset_dir(out: Path, k: int, seed: int) -> Path:
@@ -173,11 +178,10 @@ def plan_study(config: str, overrides: list[str], out: str | Path, opts: StudyOp
     without ``data.val``, finetune/probe arms without a pretrained backbone, or a ``k`` larger than a
     class (naming the class and its count).
     """
-    from tldist.config import load_config
-    from tldist.data.subset import choose_keys, label_index
-
     opts.check()
-    base = load_config(config, overrides).validate()
+    base = load_config(config, overrides)
+    apply_launcher_settings(base)  # train.grad_accum & co. as the cells will run them (the launcher's, if unset)
+    base.validate()
     if len(base.data.train) != 1:
         raise UserError(f"tldist study needs exactly one data.train shard set (got {len(base.data.train)}): the "
                         "subsets are drawn from it")
@@ -187,12 +191,11 @@ def plan_study(config: str, overrides: list[str], out: str | Path, opts: StudyOp
         raise UserError(f"the finetune and probe arms start from a pretrained backbone, but {config} has "
                         "model.pretrained=false and no model.checkpoint: set one, or use --arms scratch")
     out = Path(out).expanduser().resolve()
-    manifest, by_class = label_index(base.data.train[0])
+    manifest, counts, _ = scan_labels(base.data.train[0])
     for k in opts.labels_per_class:
         if k is not None:
-            choose_keys(by_class, manifest.classes, k, 0)  # refuses k above the smallest class, naming it
+            check_labels_per_class(counts, manifest.classes, k)  # refuses k above the smallest class, naming it
     global_batch = base.data.batch_size * world_size * base.train.grad_accum
-    counts = [len(by_class.get(c, [])) for c in range(len(manifest.classes))]
     plan = StudyPlan(name=name or out.name, out=out, base=base, opts=opts, world_size=world_size,
                      global_batch=global_batch, classes=list(manifest.classes), class_counts=counts,
                      train_samples=sum(counts), steps={}, lr_grid=list(opts.scratch_lr_grid) or
@@ -279,16 +282,15 @@ def apply_scratch_choice(plan: StudyPlan, k: Optional[int], choice: dict[str, An
 
 def write_subsets(plan: StudyPlan) -> None:
     """Write each (k, seed) subset once (reused when present). Call on one process only."""
-    from tldist.data.subset import write_label_subset
-
     for k in plan.opts.labels_per_class:
         if k is not None:
             for seed in [*plan.opts.seeds, *([tuning_seed(plan.opts)] if k in plan.grid else [])]:
                 write_label_subset(plan.base.data.train[0], _subset_dir(plan.out, k, seed), k, seed)
 
 
-def _save_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically into ``path``, creating its directory (a study's ``--out``)."""
+    make_output_dir(path.parent, "--out")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)

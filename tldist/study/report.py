@@ -13,7 +13,9 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from tldist.paths import make_output_dir
 from tldist.study.plan import ARMS, StudyPlan, k_label
+from tldist.train.job_runs import link_model
 
 RESULT_COLUMNS = ["arm", "labels_per_class", "seed", "top1", "top5", "steps", "global_batch", "train_samples",
                   "lr", "warmup_steps", "run_dir", "tracker_run_id"]
@@ -141,11 +143,13 @@ def log_summary_run(plan: StudyPlan, rows: list[dict[str, Any]], summary: list[d
     id_file.write_text(json.dumps({"run_id": run_id}))
     runs = [{"cell": f"{r['arm']}-k{r['labels_per_class']}-seed{r['seed']}", "run_id": r["tracker_run_id"],
              "run_dir": r["run_dir"]} for r in rows]
-    run = wandb.init(project=cfg.project, entity=cfg.entity, group=plan.name, job_type="study-summary",
+    run = wandb.init(project=cfg.project, entity=cfg.entity, group=plan.name, job_type="study",
                      name=f"{plan.name}-summary", id=run_id, resume="allow", mode=mode, dir=str(plan.out),
                      config={"study": plan.describe(), "runs": runs},
                      settings=wandb.Settings(quiet=True, console="off"))
     try:
+        if plan.base.model.checkpoint:  # the model every finetune/probe cell started from
+            run.config["source_model"] = link_model(run, plan.base.model.checkpoint, plan.base.model.checkpoint_weights)
         run.log({"results": wandb.Table(columns=RESULT_COLUMNS, data=[[r[c] for c in RESULT_COLUMNS] for r in rows]),
                  "summary": wandb.Table(columns=SUMMARY_COLUMNS, data=[[s[c] for c in SUMMARY_COLUMNS]
                                                                         for s in summary]),
@@ -169,7 +173,7 @@ def aggregate(plan: StudyPlan, results: dict[str, dict[str, Any]], *, write: boo
     pending = [c.name for c in plan.cells if c.name not in done]
     choice_file = plan.out / "scratch_choice.json"
     scratch = json.loads(choice_file.read_text()) if choice_file.is_file() else {}
-    plan.out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(plan.out, "--out")
     _write_csv(plan.out / "results.csv", RESULT_COLUMNS, rows)
     _write_csv(plan.out / "summary.csv", SUMMARY_COLUMNS, summary)
     text = summary_markdown(plan, summary, pending, scratch)

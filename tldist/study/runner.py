@@ -8,15 +8,19 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from tldist.config import load_config
 from tldist.errors import UserError
-from tldist.study.plan import (Cell, StudyOptions, StudyPlan, _save_json, apply_scratch_choice, choose_scratch,
+from tldist.paths import check_output_dir, make_output_dir
+from tldist.launch.slurm import submit_configs
+from tldist.study.report import aggregate
+from tldist.train.main import run
+from tldist.world import die_with_parent, start_world
+from tldist.study.plan import (Cell, StudyOptions, StudyPlan, save_json, apply_scratch_choice, choose_scratch,
                                k_label, plan_study, write_subsets)
 
 
 def _run_local(plan: StudyPlan, is_main: bool, echo: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """Every pending cell, one after another, in this process's ranks (call on every rank)."""
-    from tldist.train.main import run
-
     results: dict[str, dict[str, Any]] = {}
 
     def one(cell: Cell) -> None:
@@ -75,13 +79,11 @@ def _choose(plan: StudyPlan, k: Optional[int], results: dict[str, dict[str, Any]
         path = plan.out / "scratch_choice.json"
         chosen = json.loads(path.read_text()) if path.is_file() else {}
         chosen[k_label(k)] = choice
-        _save_json(path, chosen)
+        save_json(path, chosen)
 
 
 def _run_slurm(plan: StudyPlan, res: Any, folder: Optional[str], echo: Callable[[str], None]) -> dict[str, dict]:
     """Submit the pending cells as job arrays (grid + finetune/probe first, then scratch), wait for them."""
-    from tldist.launch.slurm import submit_configs
-
     root = Path(folder).expanduser().resolve() if folder else plan.out / "submitit"
     results: dict[str, dict[str, Any]] = {}
 
@@ -121,6 +123,143 @@ def _run_slurm(plan: StudyPlan, res: Any, folder: Optional[str], echo: Callable[
     return results
 
 
+RUN_LOG = "train.log"
+"""With ``--jobs N`` each cell's output (the trainer's log, warnings, tracebacks) goes to ``<run dir>/train.log``."""
+
+
+def _cell_cost(cell: Cell) -> float:
+    """Rough relative cost of a cell, to start the longest first: a linear probe's step has no backbone backward."""
+    return cell.steps * (0.3 if cell.arm == "probe" else 1.0)
+
+
+def _fork_cell(cell: Cell, threads: Optional[int]) -> int:
+    """Run ``cell`` in a forked child of this process (one rank, output in ``<run dir>/train.log``); returns
+    its pid. The child exits 0 when done, 3 when a stop signal stopped it at a checkpoint, 2 for a
+    :class:`UserError`, 1 for any other error (the traceback is in the log)."""
+    import sys
+
+    make_output_dir(cell.run_dir, "--out")
+    log_path = cell.run_dir / RUN_LOG
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:  # the child: never returns
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # a resumed cell appends
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        die_with_parent(parent_pid=parent)  # a killed study takes its cells with it (they stop at a checkpoint)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        result = run(cell.cfg)
+        code = 3 if result.get("stopped") else 0
+    except UserError as e:
+        print(f"tldist: error: {e}", file=sys.stderr)
+        code = 2
+    except BaseException:  # noqa: BLE001 - the child must reach os._exit: never back into the study's loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _run_jobs(plan: StudyPlan, jobs: int, echo: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Every pending cell, up to ``jobs`` at a time, each in a forked one-rank child of this process (no
+    re-import, no process group, no gradient all-reduce): on a CPU machine N small single-core cells side
+    by side cost less than each cell on N ranks. Cells start longest first; as with ``--slurm``, the
+    scratch grid and the finetune/probe cells run first, then (the grid's choice made) the scratch cells.
+    Each cell's output is in ``<run dir>/train.log``; this process prints one line as each starts and ends.
+    A failed cell stops the others (SIGTERM: they stop at a checkpoint) and raises :class:`UserError`
+    with its log's last lines."""
+    import signal
+
+    results: dict[str, dict[str, Any]] = {}
+    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // jobs)
+    if any(c.cfg.tracker.backend == "wandb" for c in plan.cells):
+        import wandb  # noqa: F401  (imported once here, not in every forked cell)
+
+    def phase(cells: list[Cell]) -> None:
+        pending = []
+        for c in cells:
+            done = c.result()
+            if done is not None and done.get("eval/top1") is not None:
+                echo(f"[study] {c.name}: finished earlier (top-1 {done['eval/top1']:.2f}%), skipped")
+                results[c.name] = done
+            elif done is not None:
+                raise UserError(f"study run {c.run_dir} finished without a val evaluation (its result.json has no "
+                                "eval/top1): delete that directory and rerun the same command")
+            else:
+                pending.append(c)
+        pending.sort(key=_cell_cost, reverse=True)  # the last cells to finish are short ones
+        running: dict[int, tuple[Cell, float]] = {}
+        failed: list[str] = []
+        stopped = False
+        try:
+            while pending or running:
+                while pending and len(running) < jobs and not (failed or stopped):
+                    c = pending.pop(0)
+                    echo(f"[study] {c.name}: {c.steps} steps, lr {c.lr:g}, warm-up {c.warmup_steps} -> "
+                         f"{c.run_dir} (log: {RUN_LOG})")
+                    running[_fork_cell(c, threads)] = (c, time.time())
+                if not running:
+                    break
+                time.sleep(0.2)
+                for pid in list(running):
+                    got, status = os.waitpid(pid, os.WNOHANG)
+                    if got == 0:
+                        continue
+                    c, t0 = running.pop(pid)
+                    code = os.waitstatus_to_exitcode(status)
+                    result = c.result() if code == 0 else None
+                    if result is not None and result.get("eval/top1") is not None:
+                        results[c.name] = result
+                        echo(f"[study] {c.name}: top-1 {result['eval/top1']:.2f}% ({time.time() - t0:.0f} s)")
+                    elif code == 3 or (code < 0 and stopped):
+                        stopped = True
+                    else:
+                        log_path = c.run_dir / RUN_LOG
+                        lines = log_path.read_text(errors="replace").splitlines()[-15:] if log_path.is_file() else []
+                        failed.append(f"{c.name} (exit {code}; last lines of {log_path}):\n" + "\n".join(lines))
+                        for other in running:  # fail fast: the others stop at a checkpoint
+                            os.kill(other, signal.SIGTERM)
+        finally:
+            for pid in running:  # an interrupt (Ctrl-C) or an error here: no cell outlives the study
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    os.waitpid(pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+        if failed:
+            raise UserError(f"{len(failed)} study run(s) failed: " + "\n".join(failed)
+                            + "\nfix the cause and rerun the same command (finished cells are skipped)")
+        if stopped:
+            raise _Stopped("[study] a cell stopped on a signal with a checkpoint; rerun the same command to continue")
+
+    try:
+        first = [c for k in plan.opts.labels_per_class for c in plan.grid.get(k, [])]
+        scratch = [c for c in plan.cells if c.arm == "scratch"]
+        phase(first + [c for c in plan.cells if c.arm != "scratch"] + ([] if plan.grid else scratch))
+        if plan.grid:
+            for k in plan.grid:
+                _choose(plan, k, results, True)
+            phase(scratch)
+    except _Stopped as stop:
+        echo(str(stop))
+        results[_STOPPED] = {}
+    return results
+
+
 def _previous_plan(out: str | Path) -> dict[str, Any]:
     path = Path(out).expanduser() / "plan.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -140,29 +279,36 @@ def check_same_budget(previous: dict[str, Any], new: dict[str, Any], out: Path) 
 
 def run_study(config: str, overrides: list[str], out: str | Path, opts: Optional[StudyOptions] = None, *,
               name: Optional[str] = None, slurm: Any = None, folder: Optional[str] = None,
-              aggregate_only: bool = False, dry_run: bool = False,
+              aggregate_only: bool = False, dry_run: bool = False, jobs: int = 1,
               echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run (or continue) a label-budget study and aggregate it; returns the ``results.csv`` rows.
 
     Local mode (``slurm=None``): call on every rank (under ``accelerate launch``) or alone; rank 0
     writes the subsets and the reports. ``slurm``: a :class:`~tldist.launch.slurm.Resources`; the cells
     run as job arrays and this process waits for them. ``aggregate_only`` reports the finished cells
-    without training; ``dry_run`` prints the plan only. Raises :class:`UserError` for bad input.
+    without training; ``dry_run`` prints the plan only. ``jobs`` > 1 (local mode, one process, not under a
+    launcher): that many cells at a time, each in a forked one-rank child (:func:`_run_jobs`). Raises
+    :class:`UserError` for bad input.
     """
-    from tldist.study.report import aggregate
-
     opts = opts or StudyOptions()
+    check_output_dir(out, "--out")  # before any work: not a file, nor under one
     accelerator = None
     previous = _previous_plan(out)
     world_size = int(previous.get("world_size", os.environ.get("WORLD_SIZE", 1)))  # dry run, --aggregate
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs} is invalid: use 1 (cells one after another) or more")
+    if jobs > 1 and (slurm is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UserError(f"--jobs {jobs} runs cells side by side in forked processes of one process: not with "
+                        f"{'--slurm' if slurm is not None else 'a launcher (WORLD_SIZE > 1)'}; use one or the other")
     if slurm is not None:
         slurm.check()
         world_size = slurm.nodes * slurm.ntasks_per_node
+    elif jobs > 1 and not (aggregate_only or dry_run):
+        world_size = 1  # each cell is one rank in a forked child; no process group here (nor CUDA before a fork)
     elif not (aggregate_only or dry_run):
-        from tldist.config import load_config
-        from tldist.train.distributed import build_accelerator
-
-        accelerator = build_accelerator(load_config(config, overrides).train)  # the ranks' process group
+        train_cfg = load_config(config, overrides).train
+        accelerator = start_world(mixed_precision=train_cfg.mixed_precision,  # the ranks' process group
+                                  timeout_s=train_cfg.collective_timeout_s)
         world_size = accelerator.num_processes
     is_main = accelerator is None or accelerator.is_main_process
     try:
@@ -184,7 +330,7 @@ def run_study(config: str, overrides: list[str], out: str | Path, opts: Optional
             write_subsets(plan)
         merged = plan.describe()
         merged["steps_per_k"] = {**_previous_plan(plan.out).get("steps_per_k", {}), **merged["steps_per_k"]}
-        _save_json(plan.out / "plan.json", merged)
+        save_json(plan.out / "plan.json", merged)
     if accelerator is not None:
         accelerator.wait_for_everyone()  # subsets written before any rank reads them (success path only)
     if aggregate_only:
@@ -196,6 +342,8 @@ def run_study(config: str, overrides: list[str], out: str | Path, opts: Optional
         results = {c.name: r for c in plan.cells if (r := c.result()) is not None}
     elif slurm is not None:
         results = _run_slurm(plan, slurm, folder, echo)
+    elif jobs > 1:
+        results = _run_jobs(plan, jobs, echo)
     else:
         results = _run_local(plan, is_main, echo)
     stopped = results.pop(_STOPPED, None) is not None

@@ -34,7 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tldist.artifacts.resolve import load_model, require_model_record, resolve
 from tldist.errors import ConfigError, UserError
+from tldist.train.feature import TrainFeature
+from tldist.world import all_reduce_sum
 
 log = logging.getLogger("tldist")
 
@@ -82,18 +85,24 @@ class TeacherView(nn.Module):
         return x
 
 
-class Distiller:
+class Distiller(TrainFeature):
     """The teacher and the distillation loss, called once per micro-batch inside the student's autocast.
 
     ``teacher``: the teacher model (on the trainer's device, eval mode, no gradients); ``order``:
     for each training class, the index of the teacher output with its name (None when the orders
     agree); ``view``: :class:`TeacherView`. The soft term is summed on the device between log steps
-    and read by :meth:`log_metrics` only there (no per-step host sync).
+    and read by :meth:`log_metrics` only there (no per-step host sync). As a
+    :class:`~tldist.train.feature.TrainFeature` it adds its term to every micro-batch's loss and logs
+    ``train/kd_loss``; its checkpoint state (``distill``) records the teacher and the loss weights.
     """
 
+    name = "distill"
+
     def __init__(self, teacher: nn.Module, view: TeacherView, *, alpha: float, temperature: float,
-                 order: Optional[list[int]], device: Any, source: str = ""):
+                 order: Optional[list[int]], device: Any, source: str = "", teacher_weights: str = ""):
         self.teacher, self.view, self.alpha, self.temperature = teacher, view, float(alpha), float(temperature)
+        self.teacher_weights = teacher_weights
+        """Which weights of the teacher were used (:meth:`tldist.artifacts.resolve.Artifact.describe`)."""
         self.order = torch.tensor(order, dtype=torch.long, device=device) if order is not None else None
         self.source = source
         self._soft_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -115,11 +124,13 @@ class Distiller:
         self._count += 1
         return loss
 
+    def loss(self, loss: torch.Tensor, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The loop hook: the teacher sees the same images in the same autocast (see :meth:`__call__`)."""
+        return self(logits, images, loss)
+
     def log_metrics(self) -> dict[str, float]:
         """``train/kd_loss``: the soft term (``T^2 * KL``) averaged over the micro-batches of every rank
         since the last call; resets the window (call on every rank, at log steps only)."""
-        from tldist.train.distributed import all_reduce_sum
-
         window = torch.stack([self._soft_sum.double().cpu(), torch.tensor(float(self._count), dtype=torch.float64)])
         total, count = all_reduce_sum(window).tolist()
         self._soft_sum.zero_()
@@ -130,6 +141,10 @@ class Distiller:
         """What the run was distilled from, saved with each checkpoint: the teacher's location and the
         loss weights (the teacher itself is read-only and not saved; the metric window restarts)."""
         return {"teacher": self.source, "alpha": self.alpha, "temperature": self.temperature}
+
+    def record(self) -> dict[str, Any]:
+        """``distill``: the model's lineage in every checkpoint's model record (teacher, its weights, loss weights)."""
+        return {"distill": {**self.state_dict(), "teacher_weights": self.teacher_weights}}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         """Warn when a resumed run is distilled from another teacher or with other weights than before
@@ -164,35 +179,32 @@ def build_distiller(cfg, classes: list[str], device: Any, *, mean: Sequence[floa
     """The :class:`Distiller` of ``cfg`` (:class:`tldist.config.DistillConfig`), or None without
     ``cfg.teacher``. ``classes``: the training classes in output order; ``mean``/``std`` ([0, 1]
     units) and ``image_size`` (px): the student's input normalisation and size; ``device``: the
-    trainer's device, where the teacher is placed. Reads the teacher pickle-free
-    (:func:`tldist.adapt.load_model`); no collectives. Raises :class:`ConfigError` when the teacher
+    trainer's device, where the teacher is placed. Reads the teacher pickle-free through the one
+    resolver (:func:`tldist.artifacts.resolve.load_model`: the weights ``tldist export`` would write, or
+    ``distill.teacher_weights``); no collectives. Raises :class:`ConfigError` when the teacher
     is a plain weights file or a multi-task model, :class:`UserError` when it does not exist or its
     classes differ from ``classes`` by name.
     """
     if not cfg.teacher:
         return None
-    from tldist.adapt import load_model
-    from tldist.export import describe_checkpoint
-
     path = Path(cfg.teacher).expanduser()
+    weights = getattr(cfg, "teacher_weights", None)
     try:  # a missing path: JobConfig.validate names distill.teacher first
-        saved = describe_checkpoint(path)
+        art = resolve(path, weights=weights, flag="distill.teacher")
     except UserError as e:
         raise ConfigError(f"config key 'distill.teacher': {e}") from None
-    if saved["kind"] == "weights":
-        raise ConfigError(f"config key 'distill.teacher' has bad value '{cfg.teacher}': a plain weights file records "
-                          "no architecture or classes; give a tldist export dir, checkpoint dir or run dir")
-    if saved["tasks"]:
+    require_model_record(art, "distill.teacher")
+    if art.tasks:
         raise ConfigError(f"config key 'distill.teacher' has bad value '{cfg.teacher}': a multi-task model "
-                          f"({len(saved['tasks'])} heads); give a single-head teacher")
-    order = match_teacher_classes(list(saved["classes"]), list(classes), str(cfg.teacher))
-    loaded = load_model(path, flag="distill.teacher")
+                          f"({len(art.tasks)} heads); give a single-head teacher")
+    order = match_teacher_classes(art.classes, list(classes), str(cfg.teacher))
+    loaded = load_model(path, weights=weights, flag="distill.teacher")
     pre = loaded.meta["preprocess"]
     teacher = loaded.model.to(device).eval().requires_grad_(False)
     view = TeacherView(mean, std, pre["mean"], pre["std"], pre["image_size"], pre.get("interpolation", "bilinear"),
                        device=device)
     log.info("distill: teacher %s (%s, %d px, %s) -> student at %d px; alpha %.3g, temperature %.3g%s",
-             loaded.path, loaded.meta["model"], pre["image_size"], loaded.kind, image_size, cfg.alpha,
+             loaded.path, loaded.meta["model"], pre["image_size"], loaded.artifact.describe(), image_size, cfg.alpha,
              cfg.temperature, "; teacher outputs reordered by class name" if order is not None else "")
     return Distiller(teacher, view, alpha=cfg.alpha, temperature=cfg.temperature, order=order, device=device,
-                     source=loaded.path)
+                     source=loaded.path, teacher_weights=loaded.artifact.describe())

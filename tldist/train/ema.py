@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -40,6 +41,8 @@ from torch.distributed.tensor import DTensor
 
 from tldist.config import TrainConfig
 from tldist.errors import UserError
+from tldist.train.distributed import average_buffers
+from tldist.train.feature import TrainFeature
 
 log = logging.getLogger("tldist")
 
@@ -56,7 +59,7 @@ class _LiveView:
         return {str(i): v for i, v in enumerate(self._values)}
 
 
-class WeightEma:
+class WeightEma(TrainFeature):
     """fp32 EMA of a (possibly DDP-wrapped or FSDP2-sharded) model's state dict.
 
     Args:
@@ -66,13 +69,16 @@ class WeightEma:
         warmup: use timm's decay warm-up (``use_warmup``).
         warmup_power: timm's ``warmup_power`` (2/3 for long runs, 3/4 for shorter ones).
 
-    The EMA starts as a copy of the model's current values.
+    The EMA starts as a copy of the model's current values. As a :class:`~tldist.train.feature.TrainFeature`
+    it is updated after every optimizer step, evaluated after the model (``eval_ema/*``) and saved with
+    every checkpoint as ``ema`` (a full-state piece, like the model).
     """
+
+    name = "ema"
 
     def __init__(self, model: nn.Module, module: nn.Module, *, decay: float, warmup: bool = False,
                  warmup_power: float = 2 / 3):
         from timm.utils.model_ema import ModelEmaV3
-
         from torch.distributed.fsdp import FSDPModule
 
         self.model, self.module = model, module
@@ -164,17 +170,55 @@ class WeightEma:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA as a full (unsharded) CPU state dict with the model's keys (call on every rank:
         gathers FSDP2 shards and averages floating-point buffers over ranks, like the model's)."""
-        from tldist.train.distributed import average_buffers
-
         with self.applied():
             average_buffers(self.model)
             # cloned: without sharding the state dict's tensors are the live ones, which get the weights back
             return {k: v.clone() for k, v in get_model_state_dict(self.model, options=_FULL).items()}
 
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA for a sharded checkpoint (call on every rank): this rank's shards as DTensors laid out like
+        the model's parameters under FSDP2, full tensors otherwise; floating-point buffers averaged over ranks
+        first, like the model's."""
+        with self.applied():
+            average_buffers(self.model)
+        out: dict[str, torch.Tensor] = {}
+        for key, (owner, name), value in zip(self._keys, self._slots, self.values):
+            live = getattr(owner, name)
+            out[key] = DTensor.from_local(value, live.device_mesh, live.placements, shape=live.shape,
+                                          stride=live.stride(), run_check=False) if isinstance(live, DTensor) else value
+        return out
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`sharded_state_dict` saved, resharded onto this run's layout by the loader."""
+        missing = [k for k in self._keys if k not in state]
+        if missing:
+            raise UserError(f"the checkpoint's EMA does not fit this model ({len(missing)} missing keys, e.g. "
+                            f"{missing[0]}); resume with the model it was saved from")
+        for key, value in zip(self._keys, self.values):
+            saved = state[key]
+            value.copy_(saved.to_local() if isinstance(saved, DTensor) else saved)
+
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a :meth:`full_state_dict` (call on every rank; each keeps its shard)."""
         with self.applied():
             set_model_state_dict(self.model, state, options=_FULL)
+
+    # ---- loop hooks ----------------------------------------------------------------------
+    def after_step(self, step: int) -> None:
+        """The EMA update after optimizer step ``step``: a local foreach lerp, no collective, no host sync."""
+        self.update(step)
+
+    def evaluate(self, trainer: Any) -> dict[str, Any]:
+        """``eval_ema/*``: the trainer's evaluation with the EMA values swapped into the model (every rank)."""
+        with self.applied():
+            return trainer.evaluate(base="eval_ema")
+
+    def missing_from_checkpoint(self, path: Path) -> None:
+        """A checkpoint saved with EMA off: the EMA starts from its (just loaded) weights."""
+        log.warning("checkpoint %s holds no EMA of the weights (saved with train.ema_decay=0): the EMA starts "
+                    "from its weights", path)
+        self.reset()
 
 
 def build_ema(cfg: TrainConfig, parallel: Any) -> Optional[WeightEma]:

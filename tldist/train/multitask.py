@@ -21,6 +21,8 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from tldist.data.manifest import eval_set_names, load_manifest, shard_set_id
+from tldist.data.pipeline import merge_classes
 from tldist.errors import ConfigError
 
 
@@ -36,7 +38,7 @@ class TaskHeads:
         if any(w <= 0 for w in weights):
             raise ConfigError(f"config key 'train.task_weights' has bad value {list(weights)}: weights must be > 0")
         self.names = list(names)
-        """Task names (distinct: :func:`tldist.train.main.eval_set_names` of the ``data.train`` entries)."""
+        """Task names (distinct: :func:`tldist.data.manifest.eval_set_names` of the ``data.train`` entries)."""
         self.class_lists = [list(c) for c in class_lists]
         self.offsets = [sum(len(c) for c in self.class_lists[:t]) for t in range(len(self.class_lists))]
         self.num_outputs = sum(len(c) for c in self.class_lists)
@@ -110,10 +112,6 @@ class TaskHeads:
 
 def build_task_heads(data_cfg, weights: Sequence[float] = ()) -> TaskHeads:
     """One task per ``data.train`` entry, with the label maps the train loader applies (same merge)."""
-    from tldist.data.manifest import load_manifest
-    from tldist.data.pipeline import merge_classes
-    from tldist.train.main import eval_set_names, shard_set_id
-
     manifests = [load_manifest(loc) for loc in data_cfg.train]
     merged, maps = merge_classes(manifests)
     locations = [str(loc) for loc in data_cfg.train]

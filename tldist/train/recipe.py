@@ -16,13 +16,14 @@ the process that uses ``np.random`` shifts them or is shifted by them. There is 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from tldist.config import TrainConfig
+from tldist.train.feature import TrainFeature
 
 _STREAM = 0x6D697875  # "mixu": keeps these seeds apart from other users of (seed, rank)
 
@@ -32,7 +33,7 @@ def mixup_enabled(cfg: TrainConfig) -> bool:
     return (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0) and cfg.mixup_prob > 0
 
 
-class DeterministicMixup:
+class DeterministicMixup(TrainFeature):
     """timm's ``Mixup`` whose draws depend only on ``(seed, rank, step, micro)``.
 
     Call as ``images, targets = mixup(images, labels, step=s, micro=m)``: ``images`` is a float
@@ -65,12 +66,11 @@ class DeterministicMixup:
         finally:
             np.random.set_state(saved)
 
-    def state_dict(self) -> dict:
-        """Empty: the draws are a function of the position in training, restored with the step."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Nothing to restore (see :meth:`state_dict`)."""
+    def batch(self, images: torch.Tensor, labels: torch.Tensor, *, step: int,
+              micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loop hook: the micro-batch mixed, labels as ``(B, num_classes)`` soft targets. Nothing is
+        saved in checkpoints: the draws are a function of the position in training, restored with the step."""
+        return self(images, labels, step=step, micro=micro)
 
 
 def build_mixup(cfg: TrainConfig, num_classes: int, *, rank: int) -> Optional[DeterministicMixup]:
@@ -83,12 +83,15 @@ def build_mixup(cfg: TrainConfig, num_classes: int, *, rank: int) -> Optional[De
                               label_smoothing=cfg.label_smoothing, seed=cfg.seed, rank=rank)
 
 
-def build_criterion(cfg: TrainConfig, mixup: Optional[DeterministicMixup]) -> nn.Module:
-    """The training loss: timm's ``SoftTargetCrossEntropy`` over ``(B, K)`` soft targets with Mixup/CutMix
-    (label smoothing is already in the targets), else ``nn.CrossEntropyLoss(label_smoothing=...)`` over
-    ``(B,)`` class indices. Both return the batch mean, a 0-d tensor."""
-    if mixup is not None:
-        from timm.loss import SoftTargetCrossEntropy
+def build_criterion(cfg: TrainConfig, mixup: Optional[DeterministicMixup], tasks: Any = None) -> Callable[..., torch.Tensor]:
+    """The training loss ``criterion(logits, labels, batch) -> 0-d tensor`` (the batch mean): with
+    ``model.heads=separate`` the :class:`~tldist.train.multitask.TaskHeads`' per-task cross-entropy
+    (``batch["source"]`` says each sample's task); with Mixup/CutMix timm's ``SoftTargetCrossEntropy`` over
+    ``(B, K)`` soft targets (label smoothing is already in the targets); else
+    ``nn.CrossEntropyLoss(label_smoothing=...)`` over ``(B,)`` class indices."""
+    if tasks is not None:
+        return lambda logits, labels, batch: tasks.loss(logits, labels, batch["source"], cfg.label_smoothing)
+    from timm.loss import SoftTargetCrossEntropy
 
-        return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    loss = SoftTargetCrossEntropy() if mixup is not None else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return lambda logits, labels, batch: loss(logits, labels)

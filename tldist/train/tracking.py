@@ -25,12 +25,76 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tldist.config import TrackerConfig
+from tldist.artifacts import layout
+from tldist.artifacts.checkpoint import is_complete
+from tldist.config import DataConfig, TrackerConfig
+from tldist.data.manifest import eval_sets
+from tldist.paths import make_output_dir
+from tldist.safeload import read_json
+from tldist.train.wandb_artifacts import dataset_artifact, link_of, model_artifact, model_artifact_name, use_artifact
 
 log = logging.getLogger("tldist")
 
-MAX_CONFUSION_CLASSES = 100
-"""Confusion-matrix plots are skipped above this many classes (the per-class accuracies are still logged)."""
+MAX_CLASS_KEYS = 100
+"""Up to this many classes, each eval logs one ``per_class_acc/<class>`` key per class and a confusion-matrix
+plot, and the class list goes into ``wandb.config``; above it, per-class accuracy is one table (the lowest
+:data:`MAX_TABLE_ROWS` classes first) and one histogram per eval, and the config holds only the count."""
+MAX_TABLE_ROWS = 10000
+"""Rows of a ``wandb.Table`` logged to the history (``wandb.Table.MAX_ROWS``: W&B truncates longer ones)."""
+_MAX_GOALS = ("top1", "top5", "balanced_acc")
+
+
+def config_classes(classes: list[str]) -> Optional[list[str]]:
+    """The class list for ``wandb.config``: itself up to :data:`MAX_CLASS_KEYS` classes, else None (21,841
+    names make every config upload heavy; the model record and ``derived.num_classes`` keep them)."""
+    return list(classes) if len(classes) <= MAX_CLASS_KEYS else None
+
+
+def summary_goal(key: str) -> Optional[str]:
+    """The W&B summary of a metric (``wandb.define_metric(summary=...)``): ``max`` for eval accuracies
+    (``eval/top1``, ``eval_ema/<set>/top5``, ``.../balanced_acc``), ``min`` for eval losses, else None (last)."""
+    if not key.startswith("eval"):
+        return None
+    leaf = key.rsplit("/", 1)[-1]
+    return "max" if leaf in _MAX_GOALS else "min" if leaf == "loss" else None
+
+
+def eval_details_row(wandb: Any, prefix: str, result: dict[str, Any], class_names: list[str],
+                     samples: list[dict] = ()) -> dict[str, Any]:
+    """The W&B row of one eval's details (:meth:`tldist.evaluate.EvalAccumulator.compute` ``result``):
+    per-class accuracy as one key per class (up to :data:`MAX_CLASS_KEYS` classes; a class without val samples,
+    NaN, is omitted, never logged as 0) or as ``<prefix>/per_class_acc`` (a table: class, accuracy, samples;
+    lowest accuracy first) and ``<prefix>/per_class_acc_hist`` (a histogram); the confusion-matrix plot (up
+    to :data:`MAX_CLASS_KEYS` classes, when ``result["confusion"]`` was built); ``<prefix>/top_confused``
+    (table: true, predicted, count); ``<prefix>/predictions`` (sample images with their predictions)."""
+    per_class = result["per_class_acc"]
+    names = class_names or [str(i) for i in range(len(per_class))]
+    counts = result.get("per_class_count") or [None] * len(per_class)
+    data: dict[str, Any] = {}
+    if len(names) <= MAX_CLASS_KEYS:
+        data.update({f"{prefix}/per_class_acc/{n}": a for n, a in zip(names, per_class) if a == a})
+    else:
+        measured = sorted(((a, n, c) for n, a, c in zip(names, per_class, counts) if a == a), key=lambda r: r[0])
+        if measured:
+            data[f"{prefix}/per_class_acc_hist"] = wandb.Histogram([a for a, _, _ in measured], num_bins=50)
+        data[f"{prefix}/per_class_acc"] = wandb.Table(columns=["class", "accuracy", "samples"],
+                                                      data=[[n, a, c] for a, n, c in measured[:MAX_TABLE_ROWS]])
+    confusion = result.get("confusion")
+    if confusion is not None and len(names) <= MAX_CLASS_KEYS:
+        # wandb's confusion-matrix plot takes per-sample lists; expand the exact integer counts.
+        y_true = [t for t, row in enumerate(confusion) for p, c in enumerate(row) for _ in range(c)]
+        preds = [p for t, row in enumerate(confusion) for p, c in enumerate(row) for _ in range(c)]
+        data[f"{prefix}/confusion_matrix"] = wandb.plot.confusion_matrix(
+            y_true=y_true, preds=preds, class_names=names, title=f"{prefix} confusion matrix")
+    if result.get("top_confused"):
+        pairs = [[names[t], names[p], n] for t, p, n in result["top_confused"]]
+        data[f"{prefix}/top_confused"] = wandb.Table(columns=["true", "predicted", "count"], data=pairs)
+    if samples:
+        table = wandb.Table(columns=["image", "key", "label", "prediction", "confidence"])
+        for s in samples:
+            table.add_data(wandb.Image(s["image"]), s["key"], s["label"], s["pred"], s["confidence"])
+        data[f"{prefix}/predictions"] = table
+    return data
 
 
 class Tracker:
@@ -44,9 +108,23 @@ class Tracker:
     def summary(self, values: dict[str, Any]) -> None:
         """Set run summary values (final metrics)."""
 
-    def log_eval_details(self, prefix: str, per_class_acc: list[float], confusion: list[list[int]],
-                         class_names: list[str], samples: list[dict], step: int) -> None:
-        """Per-class accuracy, the confusion matrix and a few sample predictions (images) of one eval."""
+    def log_eval_details(self, prefix: str, result: dict[str, Any], class_names: list[str], samples: list[dict],
+                         step: int) -> None:
+        """Per-class accuracy, the confusion matrix or most confused pairs and a few sample predictions (images)
+        of one eval (``result``: :meth:`tldist.evaluate.EvalAccumulator.compute`); see :func:`eval_details_row`."""
+
+    def link(self) -> Optional[dict[str, Any]]:
+        """The run's link for the model record and ``tracker.json`` (:mod:`tldist.train.wandb_artifacts`)."""
+        return None
+
+    def log_datasets(self, data: DataConfig) -> None:
+        """Log the manifests of ``data.train`` and the eval sets as ``dataset`` artifacts (references)."""
+
+    def checkpoint_saved(self, path: Path, *, step: int, best: bool) -> None:
+        """A checkpoint was written (or, asynchronously, started) at ``path`` (call after every save)."""
+
+    def training_done(self, *, best: Optional[Path], latest: Optional[Path]) -> None:
+        """Training ended (not stopped for a requeue) with these complete checkpoints."""
 
     def mark_preempting(self) -> None:
         """Tell the backend the job is being preempted and will resume."""
@@ -69,6 +147,11 @@ class WandbTracker(Tracker):
     ``<output_dir>/tracker-rows-<run id>.jsonl``: every row's scalars, written before W&B gets the
     row (images, tables and plots of those steps are not kept). So the segments hold disjoint step
     ranges that together cover every step once.
+
+    The run has ``job_type="train"`` and a group (``tracker.group``, else its own id: the jobs that use its
+    model join it, :mod:`tldist.train.job_runs`). Eval accuracies and losses get a ``max``/``min`` summary
+    (:func:`summary_goal`; ``best_top1`` and ``best_step`` say which step gave the best). With
+    ``tracker.log_model`` checkpoints become ``model`` artifacts (:meth:`checkpoint_saved`, :meth:`training_done`).
     """
 
     def __init__(self, cfg: TrackerConfig, *, run_name: str, output_dir: Path, config: dict[str, Any],
@@ -78,22 +161,24 @@ class WandbTracker(Tracker):
         except ImportError:  # pragma: no cover - wandb is a core dependency
             raise ImportError("tracker.backend=wandb needs wandb: pip install wandb") from None
         self._wandb = wandb
-        id_file = output_dir / "tracker.json"
+        id_file = output_dir / layout.TRACKER
         if run_id is None and not new_run and id_file.is_file():  # killed before its first checkpoint
-            from tldist.safeload import read_json
-
             recorded = read_json(id_file, what="W&B run record")
             run_id = recorded.get("run_id") if isinstance(recorded, dict) else None
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        output_dir.mkdir(parents=True, exist_ok=True)
+        self._link = link_of(self.run_id, cfg.project, cfg.entity, cfg.group or self.run_id)
+        make_output_dir(output_dir, "output_dir")
         tmp = id_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id}))
+        tmp.write_text(json.dumps(self._link))
         os.replace(tmp, id_file)
         mode = os.environ.get("WANDB_MODE", cfg.mode)
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, tags=list(cfg.tags) or None,
-                              name=run_name, id=self.run_id, resume="allow", mode=mode, dir=str(output_dir),
-                              config=config, settings=wandb.Settings(quiet=True, console="off"))
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=self._link["group"], job_type="train",
+                              tags=list(cfg.tags) or None, name=run_name, id=self.run_id, resume="allow", mode=mode,
+                              dir=str(output_dir), config=config, settings=wandb.Settings(quiet=True, console="off"))
         self._last_step = -1
+        self._goals: dict[str, Optional[str]] = {}  # metric -> its define_metric summary (None: W&B's default, last)
+        self.log_model = cfg.log_model
+        self._unlogged: list[tuple[Path, int, bool]] = []  # log_model=all: checkpoints not yet complete (async)
         # What the run already holds where it will be uploaded from: offline, the transaction logs
         # of its earlier segments (online ones too: their rows went to the server); online, the
         # server (its next step is `starting_step`) and earlier offline segments.
@@ -111,6 +196,7 @@ class WandbTracker(Tracker):
         os.replace(tmp, self._journal_path)
         self._journal = open(self._journal_path, "a")
         for s, row in lost:
+            self._define(row)
             self.run.log(row, step=s)
             self._last_step = s
         if self.logged_through >= 0 or lost:
@@ -129,6 +215,7 @@ class WandbTracker(Tracker):
         """
         if step <= self.logged_through or step < self._last_step:
             return
+        self._define(metrics)
         scalars = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
         if scalars:
             self._journal.write(json.dumps({"step": step, "row": scalars}) + "\n")
@@ -136,30 +223,73 @@ class WandbTracker(Tracker):
         self.run.log(metrics, step=step)
         self._last_step = step
 
-    def summary(self, values: dict[str, Any]) -> None:
-        for k, v in values.items():
-            self.run.summary[k] = v
+    def _define(self, keys: Any) -> None:
+        """``wandb.define_metric`` each new key with its :func:`summary_goal`, before the first row holding it."""
+        for key in keys:
+            if key not in self._goals:
+                self._goals[key] = summary_goal(key)
+                if self._goals[key]:
+                    self.run.define_metric(key, summary=self._goals[key])
 
-    def log_eval_details(self, prefix: str, per_class_acc: list[float], confusion: list[list[int]],
-                         class_names: list[str], samples: list[dict], step: int) -> None:
+    def summary(self, values: dict[str, Any]) -> None:
+        """Set summary values; a metric whose summary W&B aggregates (:func:`summary_goal`: the best
+        ``eval/top1``...) keeps that aggregate rather than being overwritten by the final value."""
+        for k, v in values.items():
+            if not self._goals.get(k):
+                self.run.summary[k] = v
+
+    def log_eval_details(self, prefix: str, result: dict[str, Any], class_names: list[str], samples: list[dict],
+                         step: int) -> None:
         if step <= self.logged_through:
             return  # the earlier segment holds this eval (see log); skip building its tables and images
-        wandb = self._wandb
-        names = class_names or [str(i) for i in range(len(per_class_acc))]
-        # a class without val samples has accuracy NaN (not measured): omitted, never logged as 0
-        data: dict[str, Any] = {f"{prefix}/per_class_acc/{n}": a for n, a in zip(names, per_class_acc) if a == a}
-        if len(names) <= MAX_CONFUSION_CLASSES:
-            # wandb's confusion-matrix plot takes per-sample lists; expand the exact integer counts.
-            y_true = [t for t, row in enumerate(confusion) for p, c in enumerate(row) for _ in range(c)]
-            preds = [p for t, row in enumerate(confusion) for p, c in enumerate(row) for _ in range(c)]
-            data[f"{prefix}/confusion_matrix"] = wandb.plot.confusion_matrix(
-                y_true=y_true, preds=preds, class_names=names, title=f"{prefix} confusion matrix")
-        if samples:
-            table = wandb.Table(columns=["image", "key", "label", "prediction", "confidence"])
-            for s in samples:
-                table.add_data(wandb.Image(s["image"]), s["key"], s["label"], s["pred"], s["confidence"])
-            data[f"{prefix}/predictions"] = table
-        self.log(data, step=step)
+        self.log(eval_details_row(self._wandb, prefix, result, class_names, samples), step=step)
+
+    def link(self) -> Optional[dict[str, Any]]:
+        return dict(self._link)
+
+    def log_datasets(self, data: DataConfig) -> None:
+        """Each shard manifest the run reads (``data.train``, ``data.val``, ``data.val_sets``) as a ``dataset``
+        artifact referencing its ``manifest.json`` (:func:`~tldist.train.wandb_artifacts.dataset_artifact`);
+        a resumed attempt logs them again, which W&B keeps as the same versions (same digests)."""
+        sets = [("train", loc) for loc in data.train] + [("val" if n == "val" else f"val:{n}", loc)
+                                                          for n, loc in eval_sets(data)]
+        for role, location in sets:
+            use_artifact(self.run, dataset_artifact(self._wandb, location, role=role))
+
+    def checkpoint_saved(self, path: Path, *, step: int, best: bool) -> None:
+        """With ``log_model=all``, log every checkpoint once it is complete on disk: at once after a synchronous
+        save, at the next save (or the end) after an asynchronous one."""
+        if self.log_model != "all":
+            return
+        self._unlogged.append((Path(path), step, best))
+        self._log_complete()
+
+    def _log_complete(self) -> None:
+        waiting = []
+        for path, step, best in self._unlogged:
+            if is_complete(path):
+                self._log_checkpoint(path, step, ["latest", *(["best"] if best else [])])
+            elif path.exists() or path.with_name(f".tmp-{path.name}").exists():
+                waiting.append((path, step, best))
+        self._unlogged = waiting
+
+    def training_done(self, *, best: Optional[Path], latest: Optional[Path]) -> None:
+        """``log_model=true``: log the best and the last checkpoint (one artifact version when they are the
+        same); ``all``: log the ones still waiting for their write (aliases ``latest``/``best`` move to them)."""
+        if self.log_model == "all":
+            self._log_complete()
+        if self.log_model != "true":
+            return
+        same = best is not None and latest is not None and best.resolve() == latest.resolve()
+        if best is not None and not same:  # first: W&B moves `latest` to the version logged last
+            self._log_checkpoint(best, _step_of(best), ["best"])
+        if latest is not None:
+            self._log_checkpoint(latest, _step_of(latest), ["latest", *(["best"] if same else [])])
+
+    def _log_checkpoint(self, path: Path, step: int, aliases: list[str]) -> None:
+        artifact = model_artifact(self._wandb, path, model_artifact_name(self._link, path, "model"),
+                                  metadata={"step": step, "path": str(Path(path).resolve())})
+        self.run.log_artifact(artifact, aliases=[*aliases, f"step-{step}"])
 
     def mark_preempting(self) -> None:
         self.run.mark_preempting()
@@ -201,7 +331,7 @@ def build_tracker(cfg: TrackerConfig, *, is_main: bool, run_name: str, output_di
     """
     if not is_main or cfg.backend == "none" or os.environ.get("WANDB_MODE", cfg.mode) == "disabled":
         return Tracker()
-    if cfg.group is None and "SLURM_ARRAY_JOB_ID" in os.environ:  # one W&B group per job array
+    if cfg.group is None and "SLURM_ARRAY_JOB_ID" in os.environ:  # one W&B group per job array (else: the run id)
         import dataclasses
 
         cfg = dataclasses.replace(cfg, group=f"array-{os.environ['SLURM_ARRAY_JOB_ID']}")
@@ -323,6 +453,11 @@ def read_row_journal(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         except (ValueError, KeyError, TypeError):
             continue
     return rows
+
+
+def _step_of(checkpoint: Path) -> int:
+    """The optimizer step of a ``step_00000120`` directory."""
+    return int(Path(checkpoint).name.rsplit("_", 1)[-1])
 
 
 def _scalar(value: Any) -> Any:
