@@ -151,7 +151,7 @@ class OptimConfig:
     """Base LR for a global batch of ``lr_ref_batch`` images, scaled to the run's global batch by ``lr_scaling``
     (timm's ``--lr-base``); with ``lr_ref_batch=0`` the LR itself, unscaled (timm's ``--lr``). The effective peak LR
     and the rule that produced it are logged once at start and saved as ``derived.lr_scaled``
-    (:func:`tldist.train.optim.effective_lr`)."""
+    (:func:`tldist.train.optim.scaled_lr`)."""
     lr_ref_batch: int = field(default=256, metadata={"timm": "--lr-base-size"})
     """Global batch (images per optimizer step, all ranks) at which ``lr`` applies unscaled (timm's
     ``--lr-base-size``); 0: ``lr`` is absolute, whatever the global batch."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tldist.artifacts.checkpoint import best_checkpoint
-from tldist.artifacts.layout import RunDir
+from tldist.artifacts.layout import RESULT, RunDir
 from tldist.data.demo import write_demo_shards
 from tldist.errors import UserError
 from tldist.paths import make_output_dir
@@ -182,12 +182,12 @@ class Progress:
         runs = self.study / "runs"
         done, running = 0, {}
         for run in (sorted(runs.iterdir()) if runs.is_dir() else []):
-            if (run / "result.json").is_file():
+            if (run / RESULT).is_file():
                 done += 1
             elif (run / RUN_LOG).is_file():  # --jobs: each run logs to its own file
                 running[run.name] = _last_step_fraction(run / RUN_LOG)
         name, frac = self._seq
-        if name and name not in running and not (runs / name / "result.json").is_file():
+        if name and name not in running and not (runs / name / RESULT).is_file():
             running[name] = frac
         self.done, self.running = done, running
 

@@ -11,6 +11,7 @@ from tldist.cli.options import add_weights_flag
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from tldist.export import TIMM_CONFIG, export_model, push_to_hub, require_hub  # start-up time
+    from tldist.artifacts.layout import MODEL_RECORD
     from tldist.safeload import read_json
     from tldist.train.job_runs import job_run
 
@@ -21,7 +22,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                  config={"checkpoint": args.checkpoint, "out": args.out, "weights": args.weights}) as tracked:
         out = export_model(args.checkpoint, args.out, args.weights, repo_id=args.push_to_hub)
         tracked.log_output_model(out)
-    meta = read_json(out / "model.json", what="export metadata")
+    meta = read_json(out / MODEL_RECORD, what="export metadata")
     step = f", step {meta['step']}" if meta.get("step") is not None else ""
     timm = f" + {TIMM_CONFIG} for timm.create_model('local-dir:{out}')" if (out / TIMM_CONFIG).is_file() else ""
     print(f"exported {out} (model.safetensors + model.json + README.md{timm}; weights: {meta.get('weights')}{step})")

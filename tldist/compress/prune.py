@@ -28,6 +28,7 @@ from torch import nn
 import torch.distributed as dist
 from torch.nn.utils import prune
 
+from tldist.artifacts.layout import WEIGHTS
 from tldist.artifacts.export import check_out_dir, check_shards, write_export, write_json
 from tldist.artifacts.resolve import load_model, weights_bytes
 from tldist.compress.measure import REPORT_FILE, compressed_mb, file_mb, log
@@ -282,7 +283,7 @@ def prune_export(export_dir: str, out: str, *, val: str, sparsity: float, struct
             record["modules"] = _merge_shapes(before, record["modules"])
             new_meta[PRUNED_KEY] = record
         write_export(model, new_meta, out, extra={REPORT_FILE: report})
-        weights = Path(out) / "model.safetensors"
+        weights = Path(out) / WEIGHTS
         source = weights_bytes(loaded.artifact)
         report["size_mb"] = {"safetensors": file_mb(weights), "zlib": compressed_mb(weights),
                              "source": file_mb(source), "source_zlib": compressed_mb(source)}

@@ -195,7 +195,7 @@ def quantize_export(export_dir: str, out: str, *, val: str, calib: Optional[str]
             qmodel = apply_dynamic(model)
         example = torch.randn(2, 3, size, size)
         ts = to_torchscript(qmodel, example)
-        return script_bytes(ts, {"model.json": json.dumps(int8_meta(meta, method, export_dir))})
+        return script_bytes(ts, {MODEL_RECORD: json.dumps(int8_meta(meta, method, export_dir))})
 
     data = run_on_main(build)  # rank 0 quantizes; every rank gets the same bytes
     qmodel = load_script(data)

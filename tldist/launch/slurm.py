@@ -28,6 +28,7 @@ from tldist.data.manifest import load_manifest
 from tldist.data.pipeline import check_data_config
 from tldist.errors import ConfigError, UserError
 from tldist.launch.job import TrainJob
+from tldist.paths import check_output_dir
 
 JOB_NAME_PREFIX = "tldist"
 """Every job submitted by tldist is named ``tldist-...``; ``tldist status``/``cancel --all`` use it."""
@@ -208,7 +209,7 @@ def load_checked_config(config: str, overrides: list[str]):
     for location in locations:
         if not str(location).startswith(("http://", "https://")):  # no network from the login node
             load_manifest(location)
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    cfg.output_dir = str(check_output_dir(cfg.output_dir, "output_dir").resolve())  # not a file nor under one
     return cfg
 
 
@@ -240,7 +241,7 @@ def submit_training(config: str, overrides: list[str], res: Resources, *, folder
     """Submit one training job; returns the submitit job (None with ``dry_run``)."""
     res.check()
     cfg = load_checked_config(config, overrides)
-    root = Path(folder).expanduser().resolve() if folder else Path(cfg.output_dir) / "submitit"
+    root = check_output_dir(folder, "--folder").resolve() if folder else Path(cfg.output_dir) / "submitit"
     name = _job_name(res, cfg)
     params = executor_parameters(res, name)
     if dry_run:
@@ -327,7 +328,7 @@ def submit_sweep(config: str, overrides: list[str], res: Resources, *, folder: O
             runs.append((combo, load_checked_config(config, fixed + extra)))
         except UserError as e:
             raise type(e)(f"sweep run {label}: {e}") from None
-    root = Path(folder).expanduser().resolve() if folder else Path(base.output_dir) / "submitit"
+    root = check_output_dir(folder, "--folder").resolve() if folder else Path(base.output_dir) / "submitit"
     name = res.name or f"{JOB_NAME_PREFIX}-sweep-{Path(base.output_dir).name}"
     if dry_run:
         echo(f"# dry run: nothing submitted. {len(runs)} runs as one array, W&B group {group or 'array-<id>'}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tldist.accelerate_env import apply_launcher_settings
+from tldist.artifacts.layout import RESULT
 from tldist.config import load_config
 from tldist.data.subset import check_labels_per_class, scan_labels, write_label_subset
 from tldist.errors import UserError
@@ -93,7 +94,7 @@ class Cell:
     def result(self) -> Optional[dict[str, Any]]:
         """The trainer's ``result.json`` when the cell is finished (all its steps, not stopped by a
         signal), else None."""
-        path = self.run_dir / "result.json"
+        path = self.run_dir / RESULT
         if not path.is_file():
             return None
         result = json.loads(path.read_text())

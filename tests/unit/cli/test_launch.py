@@ -52,6 +52,23 @@ def test_bad_submit_input_is_one_line(tiny_shards, tmp_path, capsys, args, messa
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("command", ["submit", "sweep"])
+@pytest.mark.parametrize("where", ["output_dir", "--folder"])
+def test_an_output_under_a_file_is_refused_before_submitting(tiny_shards, tmp_path, capsys, command, where):
+    """output_dir or --folder under an existing file: one line naming the option, exit 2 (not a traceback
+    from the job, nor NotADirectoryError from submitit's folder)."""
+    from tldist.cli.launch import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out, extra = (blocker / "run", []) if where == "output_dir" else (tmp_path / "run", ["--folder", str(blocker / "f")])
+    sweep = ["optim.lr=0.1,0.01"] if command == "sweep" else []
+    rc = main([command, str(REPO / CONFIG), *overrides(tiny_shards, out), *sweep, *extra, "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{where} '" in err and "is a file, not a directory" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_cancel_and_status_input_errors(tmp_path, capsys):
     from tldist.cli.launch import main
 
