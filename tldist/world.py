@@ -82,7 +82,8 @@ def start_world(*, mixed_precision: Optional[str] = "no", timeout_s: float = 600
         mixed_precision: ``no``, ``bf16`` or ``fp16``: only for ``accelerator.autocast()`` of the
             eval/adapt/compress entry points (training takes its autocast and GradScaler from
             :mod:`tldist.train.parallelize`); None: the launcher's (``ACCELERATE_MIXED_PRECISION``, set by
-            ``accelerate launch --mixed_precision``), as ``Accelerator`` reads it, else ``no``.
+            ``accelerate launch --mixed_precision``), as ``Accelerator`` reads it, else ``no``. ``no`` under a
+            launcher that asked for bf16/fp16 (adapt, pseudo-label, compress run in fp32) logs a warning.
         timeout_s: seconds a collective may wait for the other ranks before it raises (torch's defaults
             are 30 min for gloo and 10 min for NCCL): a rank whose peer vanished without closing its
             connections (a lost node, a hung GPU) then raises instead of waiting for the time limit.
@@ -92,6 +93,9 @@ def start_world(*, mixed_precision: Optional[str] = "no", timeout_s: float = 600
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mixed_precision == "no" and launcher in ("bf16", "fp16"):  # say so rather than drop it silently
+        log.warning("the launcher's --mixed_precision %s is not used by this command: it runs in fp32", launcher)
     pg_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
                        kwargs_handlers=[pg_kwargs], step_scheduler_with_optimizer=False)

@@ -36,7 +36,7 @@ def test_compiled_run_resumes_into_the_compiled_model(tiny_shards, tmp_path, lau
     """train.compile=true under DDP and FSDP2: trains, checkpoints, and a resumed run loads the checkpoint
     into the compiled model (state-dict keys unchanged by compiling in place) and finishes."""
     out = tmp_path / "compiled"
-    common = [*overrides(tiny_shards, out, "train.compile=true", "model.name=resnet18", "checkpoint.every_steps=2",
+    common = [*overrides(tiny_shards, out, "train.compile=true", "model.name=timm:resnet10t", "checkpoint.every_steps=2",
                          "data.num_workers=0")]
     run(accelerate_cmd(launcher, "train", "configs/test_tiny.yaml", *common, "train.max_steps=2"), timeout=600)
     proc = run(accelerate_cmd(launcher, "train", "configs/test_tiny.yaml", *common, "train.max_steps=4"), timeout=600)

@@ -45,7 +45,7 @@ from tldist.data.manifest import MANIFEST_NAME, SEEK_EVERY, Manifest, ShardInfo
 from tldist.data.sources import Entry, Listing, Sample, normalize_ext, samples_from_csv, samples_from_imagefolder
 from tldist.data.transforms import DECODERS
 from tldist.data.writer import (DEFAULT_CHECK, SkipSample, check_key, check_options, check_sample, prepare_image,
-                                prepare_out)
+                                prepare_out, skip_reason)
 from tldist.errors import ConfigError, DataError
 from tldist.paths import make_output_dir
 
@@ -487,7 +487,7 @@ def merge(out_dir: str | Path) -> Manifest:
         (out_dir / SKIPPED_NAME).unlink(missing_ok=True)
     meta = dict(plan["meta"])
     meta.update(skipped=len(skipped), skipped_examples=skipped[:10], skipped_reasons=dict(sorted(Counter(
-        _reason(line) for line in skipped).items())))
+        skip_reason(line) for line in skipped).items())))
     meta["class_counts"] = [sum(c) for c in zip(*(p["class_counts"] for p in pieces))]
     reencoded: Counter = Counter()
     for p in pieces:
@@ -499,12 +499,6 @@ def merge(out_dir: str | Path) -> Manifest:
     manifest.save(out_dir / MANIFEST_NAME)
     shutil.rmtree(stage, ignore_errors=True)
     return manifest
-
-
-def _reason(line: str) -> str:
-    """The kind of a skip message ('truncated JPEG', 'cannot decode with pil'...), for the summary."""
-    parts = line.split(": ")
-    return (parts[1] if len(parts) > 1 else parts[0]).split(" (")[0][:60]
 
 
 # ---- image folders and CSV lists ------------------------------------------------------------------

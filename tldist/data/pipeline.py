@@ -123,7 +123,7 @@ class TrainLoader:
         self._recycle = recycle_batches
         self._workers = dataset.workers
         self._counts = [(0, 0)] * self._workers  # (read, skipped) per logical worker, as of the last batch
-        self._retries: dict[int, int] = {}  # remote shard re-opens per worker process, since it started
+        self._retries: dict[int, int] = {}  # remote shard re-opens per logical worker, since this loader started
         self._base = (0, 0)  # counts carried over from before the run's origin (a resume)
         self._batches = 0  # micro-batches handed out since the origin
         self._ring: list[torch.Tensor] = []

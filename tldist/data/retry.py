@@ -74,7 +74,9 @@ def current_policy() -> RetryPolicy:
 
 
 def retry_count() -> int:
-    """Retries made by this process so far (a loader worker counts its own; sum them for ``data/retries``)."""
+    """Retries made by this process so far, by every reader in it. A loader's iterator reports the difference
+    from its start (an in-process loader after another, or a test after a test, counts only its own); the
+    loader sums its workers' for ``data/retries``."""
     return _count
 
 

@@ -182,6 +182,7 @@ class TrainDataset(IterableDataset):
         layout = self.layout()
         readers: dict[int, PartitionReader] = {}
         read, skipped = self.counts[w]
+        retried = retry_count()  # this iterator's own re-opens: the process may have run other loaders before
         throttle, bs, size = Throttle(), self.batch_size, self.transform.image_size
         pool = BatchPool(self.free[w] if self.free is not None else None, bs, size)
         jpeg = JpegRows(self.transform) if self.decoder == "nvjpeg" else None  # JPEGs decoded by the trainer
@@ -221,7 +222,7 @@ class TrainDataset(IterableDataset):
             yield {"rows": torch.tensor(rows, dtype=torch.int64), "image": images,
                    "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
                    "source": torch.tensor(srcs, dtype=torch.int64), "_worker": w, "_micro": micro, "_buf": buf,
-                   "_read": read, "_skipped": skipped, "_retries": retry_count(),
+                   "_read": read, "_skipped": skipped, "_retries": retry_count() - retried,
                    **(jpeg.take() if jpeg is not None else {}), **erase_fields(self.random_erasing, erase)}
             micro += 1
 
@@ -268,6 +269,7 @@ class EvalDataset(IterableDataset):
         records = read_segments(self.source, range_segments(self.source.counts, range(self.source.num_shards), lo, hi))
         throttle, bs, size = Throttle(), self.batch_size, self.image_size
         read = skipped = 0
+        retried = retry_count()  # this pass's own re-opens, not those of earlier loaders of the process
         jpeg = JpegRows(self.transform) if self.decoder == "nvjpeg" else None  # JPEGs decoded by the trainer
         for start in range(lo, hi, bs):
             # -- fixed-shape batch: failed and padding rows are zero images with mask False
@@ -291,5 +293,5 @@ class EvalDataset(IterableDataset):
                     skipped += 1
                     throttle.warn(f"eval: {rec.describe()} of shard {rec.url} counted as failed: {e}")
             yield {"image": images, "label": labels, "mask": mask, "key": keys,
-                   "_worker": j, "_read": read, "_skipped": skipped, "_retries": retry_count(),
+                   "_worker": j, "_read": read, "_skipped": skipped, "_retries": retry_count() - retried,
                    **(jpeg.take() if jpeg is not None else {})}

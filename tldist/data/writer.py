@@ -186,6 +186,13 @@ def prepare_out(out_dir: Path, split: str) -> None:
             raise DataError(f"'{out_dir}' already holds the '{old_split}' shard set; write '{split}' to its own directory")
 
 
+def skip_reason(line: str) -> str:
+    """The kind of a skip message ``'<origin>: <why> (<detail>)'`` ('truncated JPEG', 'cannot decode with
+    pil'...): the ``skipped_reasons`` counts of a manifest's ``meta``, printed by ``tldist shards``."""
+    parts = line.split(": ")
+    return (parts[1] if len(parts) > 1 else parts[0]).split(" (")[0][:60]
+
+
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, classes: list[str], *,
                  max_count: Optional[int] = 10000, max_size: Optional[float] = 500e6, min_shards: int = 1,
                  reencode: Optional[str] = None, quality: int = 90, max_side: int = 0, check: str = DEFAULT_CHECK,
@@ -280,6 +287,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
                    "decoders": decoders if check == "decode" else []},
         "skipped": len(skipped),
         "skipped_examples": skipped[:10],
+        "skipped_reasons": dict(sorted(Counter(skip_reason(line) for line in skipped).items())),
         "class_counts": class_counts,
         "reencoded": dict(sorted(reencoded.items())),
     }

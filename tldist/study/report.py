@@ -72,10 +72,12 @@ def summary_markdown(plan: StudyPlan, summary: list[dict[str, Any]], pending: li
              f"- budget: the same optimizer steps for every arm at a given k: {d['budget_rule']}; global batch "
              f"{plan.global_batch} ({plan.world_size} processes)",
              f"- steps per k: {', '.join(f'k={k}: {s}' for k, s in d['steps_per_k'].items())}",
-             f"- scratch arm: model.pretrained=false, no checkpoint, layer_decay 1, head_lr_mult 1; LR x warm-up "
-             f"grid {d['scratch_lr_grid']} x {d['scratch_warmup_grid']} (fractions of the steps), picked per k "
-             f"on val top-1 with tuning seed {d['scratch_tuning_seed']} (not a reported seed; "
-             f"{d['grid_steps']} extra steps in all)"]
+             "- scratch arm: model.pretrained=false, no checkpoint, layer_decay 1, head_lr_mult 1; "
+             + (f"LR x warm-up grid {d['scratch_lr_grid']} x {d['scratch_warmup_grid']} (fractions of the steps), "
+                f"picked per k on val top-1 with tuning seed {d['scratch_tuning_seed']} (not a reported seed; "
+                f"{d['grid_steps']} extra steps in all)" if plan.grid else
+                f"LR {d['scratch_lr_grid'][0]:g}, warm-up {d['scratch_warmup_grid'][0]:g} of the steps (a one-point "
+                "grid: nothing tuned)")]
     for k, c in scratch.items():
         lines.append(f"  - k={k}: lr {c['lr']:g}, warm-up {c['warmup_steps']} steps (grid top-1 {c['top1']:.2f}%)")
     lines += ["- spread: sample standard deviation over seeds (n-1), and min-max", "",

@@ -205,7 +205,7 @@ class WeightEma(TrainFeature):
             set_model_state_dict(self.model, state, options=_FULL)
 
     # ---- loop hooks ----------------------------------------------------------------------
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, keys: list[str]) -> None:
         """The EMA update after optimizer step ``step``: a local foreach lerp, no collective, no host sync."""
         self.update(step)
 

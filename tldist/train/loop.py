@@ -8,7 +8,6 @@ of batches on every rank, so no collective can hang on an uneven shard split.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
 import math
@@ -21,7 +20,6 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from tldist.artifacts import layout
 from tldist.artifacts.checkpoint import CheckpointManager, best_checkpoint, latest_checkpoint
 from tldist.config import CheckpointConfig, DataConfig, EvalConfig, TrainConfig, val_set_entries
 from tldist.data.augment import erase_batch
@@ -227,22 +225,15 @@ class Trainer:
         the device and read at log steps, the gradient norm is computed only when clipping or
         logging needs it, and the ranks' stop vote is read one step late (:class:`StopVote`).
         """
-        profiler = self._profiler()
-        trace = None
-        if self.cfg.trace_samples:
-            (self.run.output_dir / layout.TRACE_DIR).mkdir(parents=True, exist_ok=True)
-            trace = open(self.run.output_dir / layout.TRACE_DIR / f"rank{self.parallel.world.rank}.jsonl", "a")
         bar = _progress_bar(self.is_main, self.state.step, self.run.total_steps)
         try:
             # log lines go through tqdm.write while the bar is shown, so the bar stays on the last line
             with _redirect_logging(not bar.disable):
-                stopped, last_metrics = self._steps(profiler, trace, bar)
+                stopped, last_metrics = self._steps(bar)
         finally:  # a failing step still leaves a profiler trace and a flushed sample trace; no collectives here
             bar.close()
-            if profiler is not None:
-                profiler.stop()
-            if trace is not None:
-                trace.close()
+            for feature in self.features:
+                feature.close()
         self.checkpoints.close()  # success path: an asynchronous save is on disk before the run reports
         if not stopped:  # tracker.log_model: the best and last checkpoints (a preempted run goes on later)
             self.tracker.training_done(best=best_checkpoint(self.checkpoints.root),
@@ -254,7 +245,7 @@ class Trainer:
                 **model_consistency(self.model, self.num_processes),
                 **{k: v for k, v in last_metrics.items() if not isinstance(v, list)}}
 
-    def _steps(self, profiler, trace, bar) -> tuple[bool, dict[str, Any]]:
+    def _steps(self, bar) -> tuple[bool, dict[str, Any]]:
         """The step loop of :meth:`fit`; (stopped, last eval metrics)."""
         data_iter = iter(self.train_loader)
         accum = self.cfg.grad_accum
@@ -287,20 +278,15 @@ class Trainer:
             if self.cfg.clip_grad_norm > 0 or self._log_due(self.state.step + 1):
                 grad_norm = self._clip()
             self.parallel.step(self.optimizer)
-            for feature in self.features:  # the EMA update: a local foreach lerp, no collective, no host sync
-                feature.after_step(self.state.step + 1)
+            for feature in self.features:  # the EMA update (a local foreach lerp), the sample trace, the profiler
+                feature.after_step(self.state.step + 1, step_keys)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
             bar.update(1)
             self.state.images_seen += global_batch
             window_steps += 1
-            if profiler is not None:
-                profiler.step()
             step = self.state.step
-            if trace is not None:
-                trace.write(json.dumps({"step": step, "keys": step_keys}) + "\n")
-                trace.flush()
 
             if self._log_due(step):
                 window[0], window[3] = loss_sum.item(), time.perf_counter() - tick
@@ -454,17 +440,6 @@ class Trainer:
         self.tracker.log({"checkpoint/step": self.state.step}, step=self.state.step)
         return path
 
-    def _profiler(self):
-        if not self.cfg.profile:
-            return None
-        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        out = self.run.output_dir / layout.PROFILE_DIR
-        prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-                       on_trace_ready=tensorboard_trace_handler(str(out), worker_name=f"rank{self.parallel.world.rank}"))
-        prof.start()
-        return prof
 
 
 def _redirect_logging(enabled: bool):

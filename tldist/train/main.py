@@ -30,6 +30,7 @@ from tldist.models.transfer import apply_transfer
 from tldist.paths import make_output_dir
 from tldist.train.distill import build_distiller
 from tldist.train.ema import build_ema
+from tldist.train.feature import build_observers
 from tldist.train.loop import RunInfo, Trainer, TrainerState, build_eval_sets
 from tldist.train.multitask import build_task_heads
 from tldist.train.optim import (apply_global_batch, build_optimizer, build_scheduler, describe_lr, lr_scaling_rule,
@@ -180,7 +181,8 @@ def build(cfg: JobConfig, accelerator: Any = None) -> Trainer:
                    normalize=Normalizer(info.mean, info.std, device=parallel.device,
                                         channels_last=parallel.channels_last),
                    criterion=build_criterion(cfg.train, mixup, tasks), tracker=tracker, checkpoints=checkpoints,
-                   run=run, state=state, features=features)
+                   run=run, state=state,
+                   features=features + build_observers(cfg.train, run_dir.path, world.rank))  # last: profiler starts
 
 
 def run(cfg: JobConfig) -> dict[str, Any]:

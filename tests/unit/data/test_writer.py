@@ -71,6 +71,7 @@ def test_corrupt_images_skipped_and_counted(tmp_path):
     m = write_shards(samples, tmp_path / "out", "train", classes)
     assert m.num_samples == 6 and m.meta["skipped"] == 2
     assert any("broken.jpg" in e for e in m.meta["skipped_examples"])
+    assert sum(m.meta["skipped_reasons"].values()) == 2 and len(m.meta["skipped_reasons"]) == 2, m.meta  # by reason
     bad = [Sample(f"k{i}", b"junk", "jpg", 0) for i in range(3)]
     with pytest.raises(DataError, match="no usable samples"):
         write_shards(bad, tmp_path / "none", "train", ["a"])
