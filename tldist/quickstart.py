@@ -14,9 +14,9 @@
 Pretraining runs under ``accelerate launch`` with ``configs/accelerate/cpu.yaml`` (or ``ddp.yaml``
 when GPUs are present) on ``--processes`` ranks. On a CPU machine the study runs in one process
 with ``--jobs <processes>``: that many cells side by side, each a forked one-rank process at a
-global batch of 64 (two such cells on 2 cores cost ~25% less CPU than each cell on 2 DDP ranks:
-no gradient all-reduce, no duplicated optimizer step); with GPUs it runs under ``accelerate launch``
-as pretraining does (global batch 32 x processes)."""
+global batch of 64 (two such cells on 2 cores take 0.60x the wall time and CPU of each cell on
+2 DDP ranks, BENCHMARKS.md *Demo time*: no gradient all-reduce, no duplicated optimizer step);
+with GPUs it runs under ``accelerate launch`` as pretraining does (global batch 32 x processes)."""
 
 from __future__ import annotations
 
