@@ -311,3 +311,23 @@ def test_ema_of_another_model_is_one_line(tmp_path, kind):
         manager(tmp_path, m2, o2, s2, ema=WeightEma(m2, m2, decay=0.9)).load(path)
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value), str(e.value)
     assert str(path) in str(e.value)
+
+
+def test_a_checkpoint_in_the_format_before_sharding_is_refused_in_one_line(tmp_path):
+    """A step dir of the full-state format (model.safetensors + optimizer.pt + state.pt): resuming it is one
+    line that says how to go on from its weights, before anything is loaded."""
+    from safetensors.torch import save_file
+
+    model, opt, sched = make()
+    old = tmp_path / "checkpoints" / "step_00000004"
+    old.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(old / "model.safetensors"))
+    torch.save(opt.state_dict(), old / "optimizer.pt")
+    torch.save({"step": 4}, old / "state.pt")
+    (old / "config.yaml").write_text("a: 1\n")
+    (old / "trainer.json").write_text('{"step": 4, "world_size": 2}')
+    mgr = manager(tmp_path / "checkpoints", model, opt, sched)
+    with pytest.raises(UserError) as e:
+        mgr.load(old)
+    msg = str(e.value)
+    assert "format before sharded checkpoints" in msg and f"model.checkpoint={old}" in msg and "\n" not in msg
