@@ -23,7 +23,7 @@ from tldist.artifacts import layout
 from tldist.artifacts.export import output_spans, write_export
 from tldist.artifacts.model_card import model_card
 from tldist.artifacts.resolve import load_model
-from tldist.data.transforms import Normalizer, build_eval_transform, decode_image, preprocess_crop_pct
+from tldist.data.transforms import Normalizer, build_eval_transform, decode_error, decode_image, preprocess_crop_pct
 from tldist.errors import UserError
 from tldist.models.timm_config import TIMM_PREFIX, timm_hub_config
 from tldist.world import command_line
@@ -118,7 +118,7 @@ def predict(model_path: str | os.PathLike, images: list[str], top_k: int = 3,
         try:
             x = transform(decode_image(Path(path).read_bytes(), "pil"))  # training's rule: EXIF, 16-bit...
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot read image '{path}': {e}") from None
+            raise UserError(f"cannot read image '{path}': {decode_error(e)}") from None
         logits = model(normalize(x[None]))[0]
         per_task = {}
         for name, lo, hi, classes in output_spans(meta):

@@ -114,7 +114,9 @@ def test_outputs_under_a_file_are_one_line(tiny_shards, tmp_path):
     err = _one_line_exit_2("train", "configs/test_tiny.yaml", f"data.train=[{tiny_shards}/train]", *TINY,
                            f"output_dir={afile / 'run'}")
     assert f"'{afile}' is a file" in err
-    err = _one_line_exit_2("export", str(tmp_path / "nope"), str(afile / "x"))
+    err = _one_line_exit_2("export", str(tmp_path / "nope"), str(afile / "x"))  # the output first: before W&B
+    assert f"'{afile}' is a file" in err
+    err = _one_line_exit_2("export", str(tmp_path / "nope"), str(tmp_path / "x"))
     assert "nope" in err
 
 

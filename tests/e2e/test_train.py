@@ -117,7 +117,7 @@ def test_single_process_train_eval_export_predict(tiny_shards, tmp_path):
 # ---- bad input: one clear line, exit status 2, no traceback ---------------------------------------
 
 @pytest.mark.parametrize("extra,message", [
-    (["data.train=[/nonexistent/shards]"], "no manifest at '/nonexistent/shards'"),
+    (["data.train=[/nonexistent/shards]"], "data.train[0] '/nonexistent/shards': no manifest at"),
     (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
     (["model.num_classes=7"], "'model.num_classes' is 7 but data.train"),
     (["transfer.strategy=partial"], "transfer.strategy"),

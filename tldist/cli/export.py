@@ -12,11 +12,13 @@ from tldist.cli.options import add_weights_flag
 def _cmd_export(args: argparse.Namespace) -> int:
     from tldist.export import TIMM_CONFIG, export_model, push_to_hub, require_hub  # start-up time
     from tldist.artifacts.layout import MODEL_RECORD
+    from tldist.paths import check_output_dir
     from tldist.safeload import read_json
     from tldist.train.job_runs import job_run
 
     if args.push_to_hub:
         require_hub()  # before any work: a missing huggingface_hub is one line
+    check_output_dir(args.out, "output")  # before a W&B run is opened: an output under a file is one line
 
     with job_run("export", args.checkpoint, weights=args.weights,
                  config={"checkpoint": args.checkpoint, "out": args.out, "weights": args.weights}) as tracked:

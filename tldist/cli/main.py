@@ -53,10 +53,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from tldist.config import load_config  # start-up time: see the module docstring
+    from tldist.data.pipeline import check_data_locations
     from tldist.evaluate import evaluate_checkpoint
     from tldist.train.job_runs import job_run
 
     cfg = load_config(args.config, args.overrides)
+    check_data_locations(cfg.data, train=False)  # before a W&B run is opened: a bad path is one line
     with job_run("eval", args.checkpoint, cfg.tracker, config={"checkpoint": args.checkpoint, "weights": args.weights,
                                                                "job": cfg.to_dict()}) as tracked:
         metrics = evaluate_checkpoint(cfg, args.checkpoint, weights=args.weights)

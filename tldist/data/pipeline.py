@@ -32,9 +32,9 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from tldist.config import DataConfig, bad_value, require_at_least, require_choice, require_positive
+from tldist.config import DataConfig, bad_value, require_at_least, require_choice, require_positive, val_set_entries
 from tldist.data.augment import build_worker_augment, check_augment
-from tldist.data.manifest import Manifest, load_manifest, missing_shards, resolve_shard_urls
+from tldist.data.manifest import MANIFEST_NAME, Manifest, load_manifest, missing_shards, resolve_shard_urls
 from tldist.data.retry import RetryPolicy
 from tldist.data.stream import DEFAULT_PARTITIONS, GlobalLayout, SourceSpec
 from tldist.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, build_eval_transform, build_train_transform
@@ -405,6 +405,23 @@ def merge_classes(manifests: list[Manifest]) -> tuple[list[str], list[Optional[l
     maps = [None if m.classes == classes[:len(m.classes)] else [index[c] for c in m.classes] for m in manifests]
     return classes, maps
 
+
+def check_data_locations(cfg: DataConfig, *, train: bool = True) -> None:
+    """Raise :class:`DataError` naming the key (``data.train[1]``, ``data.val``, ``data.val_sets[0]``) when a
+    local shard set location holds no manifest, before any output is written; URLs are checked when read.
+    With ``train=False`` (an eval-only job) ``data.train`` is not checked."""
+    keyed = [(f"data.train[{i}]", loc) for i, loc in enumerate(cfg.train)] if train else []
+    keyed += [("data.val", cfg.val)] if cfg.val else []
+    keyed += [(v.key, v.path) for v in val_set_entries(cfg.val_sets)]
+    for key, location in keyed:
+        location = str(location)
+        if location.startswith(("http://", "https://")):
+            continue
+        path = os.path.expanduser(location)
+        manifest = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
+        if not os.path.isfile(manifest):
+            raise DataError(f"{key} '{location}': no manifest at '{manifest}': point {key} at a shard directory "
+                            f"written by 'tldist shards' (it holds {MANIFEST_NAME}) or at the manifest file itself")
 
 def check_data_config(cfg: DataConfig, *, train: bool = True) -> None:
     """Check the ``data.*`` values on their own (the one home of these rules); raises

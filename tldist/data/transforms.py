@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import struct
 import warnings
 from typing import Any, Optional, Sequence, Union
@@ -145,6 +146,16 @@ def open_image(data: bytes) -> Image.Image:
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
     return to_8bit(img)
+
+
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def decode_error(e: BaseException) -> str:
+    """``'<ExceptionType>: <message>'`` of a failed image decode, without the in-memory object's repr that
+    PIL puts in its message (``cannot identify image file <_io.BytesIO object at 0x7f...>``): the text of
+    every skip warning, skip count and one-line error about an unreadable image."""
+    return f"{type(e).__name__}: {_OBJECT_REPR.sub('', str(e)).strip()}"
 
 
 def decode_image(data: bytes, decoder: str = "pil") -> DecodedImage:

@@ -18,7 +18,7 @@ import webdataset as wds
 
 from tldist.data.labels import DEFAULT_RULE, LabelError, LabelRule
 from tldist.data.manifest import IMAGE_EXTS, load_manifest, resolve_shard_urls
-from tldist.data.transforms import DECODERS, decode_image
+from tldist.data.transforms import DECODERS, decode_error, decode_image
 from tldist.errors import ConfigError, DataError
 
 _IMAGE_EXTS = set(IMAGE_EXTS)
@@ -119,7 +119,7 @@ def _check_sample(parts: dict[str, bytes], num_classes: int, decoders: Sequence[
             try:
                 decode_image(parts[ext], decoder)
             except Exception as e:  # PIL's and torchvision's errors vary by format
-                failed.append(f"data.decode={decoder}: {type(e).__name__}: {str(e).strip()[:200]}")
+                failed.append(f"data.decode={decoder}: {decode_error(e)[:200]}")
         if failed:
             errors.append(f".{ext} does not decode ({'; '.join(failed)})")
     label, problems = _check_label(parts, num_classes, rule)

@@ -26,7 +26,7 @@ from tldist.data.labels import LabelError, LabelRule, rule_for_shard
 from tldist.data.retry import retry_count
 from tldist.data.stream import (GlobalLayout, PartitionReader, PartitionStream, Record, SourceSpec, Throttle,
                                 range_segments, read_segments, slot_range)
-from tldist.data.transforms import decode_image
+from tldist.data.transforms import decode_error, decode_image
 from tldist.errors import DataError
 
 MIN_READ_FOR_FAULT_CHECK = 200  # samples read before the skip fraction is judged
@@ -63,7 +63,7 @@ def decode_record(rec: Record, decoder: str, transform, rng: Optional[random.Ran
         deferred = defer is not None and defer(data, rng)
         decoded = None if deferred else decode_image(data, decoder)
     except Exception as e:  # PIL/torchvision raise many types for corrupt bytes
-        raise SampleError(f"cannot decode .{ext} ({type(e).__name__}: {e})") from None
+        raise SampleError(f"cannot decode .{ext} ({decode_error(e)})") from None
     # Only decoding is judged as bad data: a crop or augmentation that fails on a decoded image
     # is a fault of the code (or of a library), so it stops the run instead of being skipped.
     image = out if deferred else transform(decoded, rng, out=out)

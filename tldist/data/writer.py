@@ -25,7 +25,7 @@ import webdataset as wds
 import tldist
 from tldist.data.manifest import MANIFEST_NAME, SEEK_EVERY, STORED_EXTS, Manifest, ShardInfo, load_manifest
 from tldist.data.sources import SOURCE_IMAGE_EXTS, Sample, encode_image, normalize_ext
-from tldist.data.transforms import DECODERS, decode_image, open_image
+from tldist.data.transforms import DECODERS, decode_error, decode_image, open_image
 from tldist.errors import ConfigError, DataError
 from tldist.paths import check_output_dir, make_output_dir
 
@@ -64,7 +64,7 @@ def header_problem(data: bytes) -> str:
             if fmt not in _HEADER_FORMATS:
                 im.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"cannot read header: {type(e).__name__}: {e}"
+        return f"cannot read header: {decode_error(e)}"
     if w < 1 or h < 1:
         return f"image is {w}x{h} px"
     if fmt in ("JPEG", "MPO") and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
@@ -101,7 +101,7 @@ def prepare_image(s: Sample, reencode: Optional[str], quality: int, max_side: in
             try:
                 decode_image(s.data, decoder)
             except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...; torchvision RuntimeError
-                raise SkipSample(f"cannot decode with {decoder}: {type(e).__name__}: {e}") from None
+                raise SkipSample(f"cannot decode with {decoder}: {decode_error(e)}") from None
     odd = s.ext not in STORED_EXTS
     if not reencode and not max_side and check != "verify" and not odd:
         return s.data, s.ext
@@ -116,7 +116,7 @@ def prepare_image(s: Sample, reencode: Optional[str], quality: int, max_side: in
     except (ConfigError, DataError):
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise SkipSample(f"cannot decode: {type(e).__name__}: {e}") from None
+        raise SkipSample(f"cannot decode: {decode_error(e)}") from None
     # resizing and encoding a decoded image cannot fail on bad bytes: an error here is not skipped
     if max_side > 0 and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)

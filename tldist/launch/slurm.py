@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from tldist.config import load_config, val_set_entries
 from tldist.data.manifest import load_manifest
-from tldist.data.pipeline import check_data_config
+from tldist.data.pipeline import check_data_config, check_data_locations
 from tldist.errors import ConfigError, UserError
 from tldist.launch.job import TrainJob
 from tldist.paths import check_output_dir
@@ -204,6 +204,7 @@ def load_checked_config(config: str, overrides: list[str]):
     raises UserError naming the problem before anything is submitted."""
     cfg = load_config(config, overrides).validate()
     check_data_config(cfg.data)
+    check_data_locations(cfg.data)  # the key of a missing one, then each manifest must read
     locations = [*cfg.data.train, *([cfg.data.val] if cfg.data.val else []),
                  *(v.path for v in val_set_entries(cfg.data.val_sets))]
     for location in locations:

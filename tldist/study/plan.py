@@ -13,6 +13,7 @@ from typing import Any, Optional
 from tldist.accelerate_env import apply_launcher_settings
 from tldist.artifacts.layout import RESULT
 from tldist.config import load_config
+from tldist.data.pipeline import check_data_locations
 from tldist.data.subset import check_labels_per_class, scan_labels, write_label_subset
 from tldist.errors import UserError
 from tldist.paths import make_output_dir
@@ -191,6 +192,7 @@ def plan_study(config: str, overrides: list[str], out: str | Path, opts: StudyOp
     if ({"finetune", "probe"} & set(opts.arms)) and not base.model.checkpoint and not base.model.pretrained:
         raise UserError(f"the finetune and probe arms start from a pretrained backbone, but {config} has "
                         "model.pretrained=false and no model.checkpoint: set one, or use --arms scratch")
+    check_data_locations(base.data)  # a missing shard set: one line naming its key
     out = Path(out).expanduser().resolve()
     manifest, counts, _ = scan_labels(base.data.train[0])
     for k in opts.labels_per_class:

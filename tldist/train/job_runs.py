@@ -135,8 +135,9 @@ def job_run(job_type: str, model: Optional[str | os.PathLike], tracker: Optional
     if model is not None:
         try:
             art = resolve(model, weights=weights, flag="model")
-        except UserError:
-            art = None
+        except UserError:  # the job reports it in one line; no run for a command that cannot start
+            yield JobRun()
+            return
     link = training_link(art) if art is not None else None
     if link is None and tracker is None:
         yield JobRun()  # nothing to join, and no config asking for a run

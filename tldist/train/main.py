@@ -23,7 +23,7 @@ from tldist.artifacts.remote import RemoteStore
 from tldist.artifacts.resolve import build_run_model
 from tldist.config import JobConfig, format_config
 from tldist.data.manifest import check_num_classes, classes_without_samples, read_classes
-from tldist.data.pipeline import build_train_loader, check_data_config
+from tldist.data.pipeline import build_train_loader, check_data_config, check_data_locations
 from tldist.data.transforms import Normalizer
 from tldist.models.param_groups import build_param_groups
 from tldist.models.transfer import apply_transfer
@@ -62,6 +62,7 @@ def build(cfg: JobConfig, accelerator: Any = None) -> Trainer:
     launched = resolve_settings(cfg)
     cfg.validate()
     check_data_config(cfg.data)
+    check_data_locations(cfg.data)  # a missing shard set: one line naming the key, before the run dir exists
     check_parallel_config(cfg.train)
     accelerator = accelerator or start_world(mixed_precision=cfg.train.mixed_precision,
                                              timeout_s=cfg.train.collective_timeout_s)
@@ -197,6 +198,7 @@ def run(cfg: JobConfig) -> dict[str, Any]:
     resolve_settings(cfg)  # before the Accelerator: a conflict with the launcher is one line, exit 2
     cfg.validate()
     check_parallel_config(cfg.train)
+    check_data_locations(cfg.data)  # before the run lock creates output_dir
     accelerator = start_world(mixed_precision=cfg.train.mixed_precision, timeout_s=cfg.train.collective_timeout_s)
     lock = claim_output_dir(cfg.output_dir, is_main=accelerator.is_main_process)
     trainer: Optional[Trainer] = None

@@ -468,3 +468,26 @@ def test_recycled_batch_buffers_give_the_same_batches(data):
     assert len(set(ptrs)) == pipeline_mod.RECYCLE_HOLD + 1
     assert recycled.dataset.free is not None and ref.dataset.free is not None
     ref.close(), recycled.close()
+
+
+def test_a_missing_shard_set_is_named_by_its_key(tmp_path):
+    """data.train[1], data.val, data.val_sets[0]: a location without a manifest is one line naming the key,
+    checked before a run writes anything; URLs are left to the reader."""
+    from tldist.config import DataConfig
+    from tldist.data.pipeline import check_data_locations
+
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "manifest.json").write_text("{}")
+    cases = [
+        (DataConfig(train=[str(good), str(tmp_path / "nope")]), True, "data.train[1]"),
+        (DataConfig(train=[str(good)], val=str(tmp_path / "v")), True, "data.val"),
+        (DataConfig(train=[str(tmp_path / "nope")], val=str(good), val_sets=[str(tmp_path / "r")]), False,
+         "data.val_sets[0]"),
+    ]
+    for data_cfg, train, key in cases:
+        with pytest.raises(DataError) as e:
+            check_data_locations(data_cfg, train=train)
+        assert str(e.value).startswith(f"{key} '") and f"point {key} at a shard directory" in str(e.value)
+        assert "\n" not in str(e.value)
+    check_data_locations(DataConfig(train=[str(good)], val="https://host/val"))  # URLs: read later

@@ -297,3 +297,19 @@ def test_old_model_json_keeps_its_recorded_resize():
         assert eval_resize_size(size, crop_pct) == build_eval_transform(size, crop_pct=crop_pct).resize_size == resize
     assert preprocess_crop_pct({"image_size": 224}) == 0.875
     assert math.isclose(preprocess_crop_pct({"image_size": 224, "crop_pct": 0.95}), 0.95)
+
+
+def test_decode_errors_name_the_error_without_an_object_repr():
+    """PIL's 'cannot identify image file <_io.BytesIO object at 0x7f...>' reaches users (skip warnings, skip
+    counts, `tldist predict`) without the in-memory object's address."""
+    import io
+
+    from PIL import Image
+
+    from tldist.data.transforms import decode_error
+
+    try:
+        Image.open(io.BytesIO(b"definitely not an image"))
+    except Exception as e:  # noqa: BLE001 - whatever PIL raises
+        msg = decode_error(e)
+    assert msg == "UnidentifiedImageError: cannot identify image file", msg

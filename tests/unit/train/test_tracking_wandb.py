@@ -151,3 +151,15 @@ def test_log_model_false_logs_no_model(tmp_path):
     t.training_done(best=paths[0], latest=paths[0])
     t.finish()
     assert model_artifacts(out) == []
+
+
+def test_a_job_whose_model_does_not_resolve_opens_no_run(tmp_path, monkeypatch):
+    """`tldist eval --checkpoint <missing>`: the job reports the path in one line; no W&B run (and no wandb/
+    directory) is opened first for a command that cannot start."""
+    from tldist.train.job_runs import JobRun, WandbJobRun, job_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with job_run("eval", tmp_path / "no-such-run", TrackerConfig(backend="wandb")) as tracked:
+        assert type(tracked) is JobRun and not isinstance(tracked, WandbJobRun)
+    assert not (tmp_path / "wandb").exists()
