@@ -70,7 +70,7 @@ def summary_markdown(plan: StudyPlan, summary: list[dict[str, Any]], pending: li
              f"- train set: {plan.base.data.train[0]} ({plan.train_samples} samples, {len(plan.classes)} classes); "
              f"val: {plan.base.data.val} (full set, evaluated once at each run's last step)",
              f"- budget: the same optimizer steps for every arm at a given k: {d['budget_rule']}; global batch "
-             f"{plan.global_batch} ({plan.world_size} processes)",
+             f"{plan.global_batch} ({plan.world_size} process{'es' if plan.world_size != 1 else ''} per run)",
              f"- steps per k: {', '.join(f'k={k}: {s}' for k, s in d['steps_per_k'].items())}",
              "- scratch arm: model.pretrained=false, no checkpoint, layer_decay 1, head_lr_mult 1; "
              + (f"LR x warm-up grid {d['scratch_lr_grid']} x {d['scratch_warmup_grid']} (fractions of the steps), "
