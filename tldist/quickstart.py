@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tldist.artifacts.checkpoint import best_checkpoint
-from tldist.artifacts.layout import RESULT, RunDir
+from tldist.artifacts.layout import RESULT, RUN_LOG, RunDir
 from tldist.data.demo import write_demo_shards
 from tldist.errors import UserError
 from tldist.paths import make_output_dir
@@ -124,8 +124,6 @@ def _run(name: str, cmd: list[str], log_dir: Path, progress: Optional[Progress] 
     return round(time.time() - t0, 1)
 
 
-RUN_LOG = "train.log"
-"""A study run's own log with ``--jobs`` (:data:`tldist.study.runner.RUN_LOG`; not imported here: start-up time)."""
 _STEP = re.compile(r" INFO step (\d+)/(\d+)\b")
 _CELL = re.compile(r"^\[study\] (\S+): (\d+) steps")
 

@@ -41,6 +41,8 @@ WEIGHTS = "model.safetensors"
 """The model's weights as a plain state dict (an export; a checkpoint with ``checkpoint.full_weights``)."""
 EMA_WEIGHTS = "ema.safetensors"
 """The EMA of the weights as a plain state dict (older checkpoints)."""
+RUN_LOG = "train.log"
+"""A run's own log when it runs as a forked cell of ``tldist study --jobs N`` (its output and tracebacks)."""
 TRACE_DIR = "trace"
 PROFILE_DIR = "profile"
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from tldist.artifacts.layout import RUN_LOG  # with --jobs N each cell's output goes to <run dir>/train.log
 from tldist.config import load_config
 from tldist.errors import UserError
 from tldist.paths import check_output_dir, make_output_dir
@@ -121,10 +122,6 @@ def _run_slurm(plan: StudyPlan, res: Any, folder: Optional[str], echo: Callable[
             _choose(plan, k, results, True)
         phase(scratch, "scratch")
     return results
-
-
-RUN_LOG = "train.log"
-"""With ``--jobs N`` each cell's output (the trainer's log, warnings, tracebacks) goes to ``<run dir>/train.log``."""
 
 
 def _cell_cost(cell: Cell) -> float:
