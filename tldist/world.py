@@ -126,9 +126,31 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """A logging handler writing to ``sys.stdout`` (or ``sys.stderr``) as it is when each record is emitted,
+    not as it was when the handler was made: a caller that swaps the stream afterwards (pytest's capture of
+    one test, a notebook's redirect) and closes it does not leave a handler writing to a closed file.
+
+    Args:
+        stream_name: ``"stdout"`` or ``"stderr"``.
+    """
+
+    def __init__(self, stream_name: str = "stdout"):
+        self.stream_name = stream_name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, value) -> None:  # set by StreamHandler.__init__; the current sys stream is used instead
+        pass
+
+
 def setup_logging(is_main: bool) -> None:
     """INFO on the main process, warnings only elsewhere (root logger, to stdout)."""
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=[ConsoleHandler()],
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
 
 

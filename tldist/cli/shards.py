@@ -81,9 +81,11 @@ def _show_data_log() -> None:
     """Print ``tldist.data``'s info and warning lines (resumes, skips, retries) as plain lines on stderr."""
     import logging
 
+    from tldist.world import ConsoleHandler
+
     log = logging.getLogger("tldist.data")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = ConsoleHandler("stderr")
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)

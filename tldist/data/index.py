@@ -219,13 +219,17 @@ def scan_shard(url: str, rule: LabelRule, read_labels: bool = True) -> ShardScan
         finish()
     except DataError:
         raise
-    except Exception as e:  # tarfile.ReadError, ValueError (bad number), OSError, a pipe that failed
+    except Exception as e:  # tarfile.ReadError, ValueError (bad number), OSError, a command that failed
+        failure = getattr(stream.raw, "failure", None)
+        if failure:  # the download or command failed, not the tar
+            raise DataError(f"shard '{url}' could not be read to its end after {out.num_samples} samples "
+                            f"({failure})") from None
         raise DataError(f"shard '{url}' is not a readable tar after {out.num_samples} samples "
                         f"({type(e).__name__}: {e}); check it with 'tar tf'") from None
     finally:
         try:
             stream.close()
-        except Exception as e:  # webdataset's Pipe raises when its command failed
+        except Exception as e:  # a command (curl, pipe:) that failed after the tar's end blocks
             raise DataError(f"shard '{url}' could not be read to its end ({e})") from None
     if stream.head.startswith(_COMPRESSED):
         out.offsets = []  # byte offsets inside a compressed stream cannot be seeked to

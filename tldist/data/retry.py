@@ -1,7 +1,9 @@
 """Opening shard streams, and retrying the remote ones that break off mid-read.
 
-:func:`open_shard` opens any shard URL tldist reads: a local path, ``http(s)://`` (webdataset's
-``gopen``: ``curl``), ``pipe:<command>`` and ``s3://bucket/key`` (boto3, the ``s3`` extra; see :mod:`tldist.s3`).
+:func:`open_shard` opens any shard URL tldist reads: a local path, ``http(s)://`` (``curl``, with webdataset's
+options), ``pipe:<command>`` (the shell), ``s3://bucket/key`` (boto3, the ``s3`` extra; see :mod:`tldist.s3`) and
+webdataset's other ``gopen`` schemes. A command's output is read through :class:`CommandStream`, which
+delivers every byte the command wrote before it failed and only then reports the failure.
 
 A remote shard (``http(s)://``, ``pipe:``, ``s3://``) whose stream fails *after it delivered data* (a
 reset connection, a client that died mid-object) is re-opened by
@@ -16,11 +18,12 @@ counted in this process (:func:`retry_count`, for the loader's ``data/retries``)
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Optional, Sequence, Union
 
-from webdataset.gopen import Pipe, gopen
+from webdataset.gopen import gopen
 
 from tldist.errors import ConfigError
 from tldist.s3 import open_object
@@ -102,19 +105,125 @@ def seekable(url: str) -> bool:
     return not url.startswith("pipe:")
 
 
+CURL = ("curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-s", "-L")
+"""The ``curl`` command of webdataset's ``gopen`` for ``http(s)://`` (``gopen_curl``): the same options here."""
+
+CURL_EXIT = {6: "could not resolve the host", 7: "could not connect to the host", 18: "the transfer ended early "
+             "(the server or the connection closed it)", 22: "the server answered with an HTTP error such as 404 "
+             "or 403", 28: "timed out", 33: "the server ignored the byte range asked for", 35: "TLS handshake "
+             "failed", 52: "empty reply", 56: "the connection broke off"}
+"""What curl's exit statuses mean (curl's man page, "EXIT CODES"), for the messages naming a failed shard."""
+
+_STOPPED = (-13, 141, 23)
+"""Exit statuses of a command stopped by closing its output early: SIGPIPE (as a signal, or 128+13 from a
+shell) and curl's write error (23). Not a failure: the reader chose to stop."""
+
+
+class CommandStream:
+    """A read-only binary stream of a command's standard output (``curl`` for ``http(s)://``, the shell for
+    ``pipe:``).
+
+    webdataset's ``gopen.Pipe`` raises from ``read`` as soon as the command has exited non-zero, even while
+    the pipe still holds output it wrote before failing: a download cut mid-shard could lose everything
+    it delivered, and be reported as unreadable from its first byte. Here every byte the command wrote is
+    read first; its failure is then raised as ``OSError(failure)`` at the end of the output (``read``
+    returning nothing) and again from :meth:`close`. ``failure`` names the command and its exit status,
+    with curl's meaning of it (:data:`CURL_EXIT`). A command stopped by :meth:`close` before its output
+    was read to the end (exit statuses in :data:`_STOPPED`, or killed after ``close_timeout_s``) has not
+    failed.
+
+    Args:
+        args: the command (a list, or a string with ``shell=True``).
+        name: how messages name the command (``curl``, or the quoted ``pipe:`` command).
+        shell: run ``args`` through ``/bin/sh -c`` (``pipe:`` URLs, as webdataset does).
+        close_timeout_s: seconds :meth:`close` waits for a command whose output was not read to its end.
+    """
+
+    def __init__(self, args: Union[str, Sequence[str]], *, name: str, shell: bool = False,
+                 close_timeout_s: float = 10.0):
+        self.name, self.close_timeout_s = name, close_timeout_s
+        self.failure: Optional[str] = None
+        """``curl exited with status 18: the transfer ended early ...`` once the command is known to have
+        failed; None while it runs or when it succeeded."""
+        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, shell=shell)
+        self._out, self._ended = self._proc.stdout, False
+
+    @property
+    def closed(self) -> bool:
+        return self._out.closed
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left with -1 or None); ``b""`` at the end of a command that
+        succeeded. Raises ``OSError(failure)`` at the end of the output of a command that failed."""
+        data = self._out.read(size)
+        if not data and size != 0:
+            self._ended = True
+            self._judge(self._proc.wait())
+        return data
+
+    def _judge(self, status: int) -> None:
+        if status != 0 and self.failure is None:
+            if status < 0:
+                self.failure = f"{self.name} was killed by signal {-status}"
+            else:
+                hint = CURL_EXIT.get(status) if self.name == "curl" else None
+                self.failure = f"{self.name} exited with status {status}" + (f": {hint}" if hint else "")
+        if self.failure is not None:
+            raise OSError(self.failure)
+
+    def close(self) -> None:
+        """Close the output and wait for the command; raises ``OSError(failure)`` when it failed (see the
+        class docstring). Closing again does nothing."""
+        if self._out.closed:
+            return
+        self._out.close()
+        try:
+            status = self._proc.wait(None if self._ended else self.close_timeout_s)
+        except subprocess.TimeoutExpired:  # still running (retrying a connection) while nobody reads it
+            self._proc.kill()
+            self._proc.wait()
+            return
+        if not self._ended and status in _STOPPED:
+            return
+        self._judge(status)
+
+    def __enter__(self) -> "CommandStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # nothing can report it here; the reader saw it from read() or close()
+            pass
+
+
+def pipe_command(url: str) -> str:
+    """How messages name the command of a ``pipe:`` URL: quoted, at most 80 characters."""
+    return f"'{url[5:][:80]}'"
+
+
 def open_shard(url: str, offset: int = 0) -> BinaryIO:
     """A binary stream of the shard at ``url`` from byte ``offset`` on (see the module docstring; ``offset`` > 0
-    needs :func:`seekable`); errors propagate (``OSError``, ``ValueError`` from webdataset,
-    :class:`~tldist.errors.DataError` for S3)."""
+    needs :func:`seekable`). ``http(s)://`` and ``pipe:`` give a :class:`CommandStream`. Errors propagate:
+    ``OSError`` (a missing file, a command that failed), ``ValueError`` (webdataset: an unknown scheme, a seek
+    in a pipe), :class:`~tldist.errors.DataError` (S3)."""
     if url.startswith("s3://"):
         return open_object(url, offset)
-    if offset and url.startswith(("http://", "https://")):  # webdataset's curl command, with a Range header
-        # -C (not -r): curl fails (exit 33) instead of passing on the whole file when the server ignores the range
-        return Pipe(["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-s", "-L",
-                     "-C", str(offset), url], mode="rb", bufsize=8192, ignore_status=[141, 23])
-    if offset:
-        if url.startswith("pipe:"):
+    if url.startswith(("http://", "https://")):
+        # -C (not -r) for an offset: curl fails (exit 33) instead of passing on the whole file when the server
+        # ignores the range
+        return CommandStream([*CURL, *(("-C", str(offset)) if offset else ()), url], name="curl")
+    if url.startswith("pipe:"):
+        if offset:
             raise ValueError(f"cannot seek in a pipe: shard '{url}'")
+        return CommandStream(url[5:], name=pipe_command(url), shell=True)
+    if offset:
         f = open(url[7:] if url.startswith("file://") else url, "rb")
         f.seek(offset)
         return f

@@ -271,7 +271,7 @@ def read_shard(url: str, skip: int, take: int, *, policy: Optional[RetryPolicy] 
             attempt += 1
             time.sleep(note_retry(url, attempt, policy, skip + produced, detail))
             continue
-        error = (f"cannot be read ({detail})" if produced == 0 and not fields else
+        error = (f"cannot be read ({detail})" if not (produced or fields or seen or done) else
                  f"broke off after {skip + produced} samples ({detail})")
         if fields:  # members read before the error form a (possibly incomplete) sample
             yield Record(key, url, fields)
@@ -285,33 +285,14 @@ def read_shard(url: str, skip: int, take: int, *, policy: Optional[RetryPolicy] 
             yield Record(None, url, None, f"the shard {error}")
 
 
-_CURL_EXIT = {6: "could not resolve the host", 7: "could not connect to the host", 22: "the server answered with an "
-              "HTTP error such as 404 or 403", 28: "timed out", 35: "TLS handshake failed", 52: "empty reply",
-              56: "the connection broke off"}
-
-
-def _pipe_failure(stream) -> Optional[str]:
-    """``curl exited with status 7: could not connect to the host`` when ``stream`` is a WebDataset
-    pipe (``http(s)://`` via curl, ``pipe:``) whose command failed; None otherwise."""
-    status = getattr(stream, "status", None)
-    if not status:
-        return None
-    try:
-        cmd = stream.args[0][0]
-        name = f"'{cmd[:80]}'" if isinstance(cmd, str) else str(cmd[0]).rsplit("/", 1)[-1]  # pipe: / curl
-    except (AttributeError, IndexError, TypeError):
-        name = "the command"
-    hint = _CURL_EXIT.get(status) if name == "curl" else None
-    return f"{name} exited with status {status}" + (f": {hint}" if hint else "")
-
-
 def _close(stream) -> Optional[str]:
-    """Close a shard stream; the reason it failed (a pipe's command exiting non-zero), else None."""
+    """Close a shard stream; why it failed (a command that exited non-zero, see
+    :class:`~tldist.data.retry.CommandStream`), else None."""
     try:
         stream.close()
-    except Exception as e:  # webdataset's Pipe raises when its command failed
-        return _pipe_failure(stream) or f"{type(e).__name__}: {e}"
-    return _pipe_failure(stream)
+    except Exception as e:
+        return getattr(stream, "failure", None) or f"{type(e).__name__}: {e}"
+    return getattr(stream, "failure", None)
 
 
 def read_segments(source: SourceSpec, segments) -> Iterator[Record]:

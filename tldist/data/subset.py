@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import logging
+import tarfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -89,8 +90,15 @@ def scan_labels(src_location: str | Path, *, keep: int = 0,
                         heapq.heappush(heap, item)
                     elif item > heap[0]:
                         heapq.heapreplace(heap, item)
+        except (OSError, ValueError, tarfile.TarError) as e:  # cut download, failed pipe: command, bad tar
+            reason = getattr(stream, "failure", None) or f"{type(e).__name__}: {e}"
+            raise DataError(f"shard {url} could not be read to its end ({reason}); check the set with "
+                            "'tldist shards verify'") from None
         finally:
-            stream.close()
+            try:
+                stream.close()
+            except OSError:  # raised above when a read reached it; after the tar's end blocks, every label was read
+                pass
     chosen = {c: [k for _, k in sorted(heap, reverse=True)] for c, heap in sorted(heaps.items())}
     return manifest, counts, chosen
 

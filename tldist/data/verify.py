@@ -1,7 +1,7 @@
 """Check a shard set against its manifest: per-shard counts, image decoding, labels, keys.
 
-Shards are streamed with :func:`webdataset.gopen` (local paths, ``http(s)://`` and ``pipe:``
-URLs alike) and read member by member with :mod:`tarfile`, grouping members into samples by
+Shards are streamed with :func:`tldist.data.retry.open_shard` (local paths, ``http(s)://``, ``pipe:`` and
+``s3://`` URLs alike) and read member by member with :mod:`tarfile`, grouping members into samples by
 the WebDataset rule (key = path up to the first dot of the file name).
 """
 
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-import webdataset as wds
 
 from tldist.data.labels import DEFAULT_RULE, LabelError, LabelRule
 from tldist.data.manifest import IMAGE_EXTS, load_manifest, resolve_shard_urls
+from tldist.data.retry import open_shard
 from tldist.data.transforms import DECODERS, decode_error, decode_image
 from tldist.errors import ConfigError, DataError
 
@@ -164,7 +165,7 @@ def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: b
             add(name, "", f"shard file '{url}' is missing")
             continue
         try:
-            with wds.gopen(url, "rb") as stream:
+            with closing(open_shard(url)) as stream:
                 for key, parts in _samples(stream):
                     report.found[name] += 1
                     keys.add(key, index)
@@ -176,7 +177,7 @@ def verify_shards(location: str | Path, *, urls: Optional[str] = None, decode: b
                         add(name, key, msg)
                     if label is not None:
                         report.label_counts[label] = report.label_counts.get(label, 0) + 1
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        except (tarfile.TarError, OSError, EOFError, ValueError, DataError) as e:
             add(name, "", f"unreadable after {report.found[name]} samples ({type(e).__name__}: {e})")
         if report.found[name] != info.num_samples:
             add(name, "", f"manifest says {info.num_samples} samples, shard holds {report.found[name]}")
@@ -237,7 +238,7 @@ class KeyLog:
 
 def _samples_keys(url: str) -> list[str]:
     try:
-        with wds.gopen(url, "rb") as stream:
+        with closing(open_shard(url)) as stream:
             return [key for key, _ in _samples(stream)]
-    except (tarfile.TarError, OSError, EOFError, ValueError):
+    except (tarfile.TarError, OSError, EOFError, ValueError, DataError):
         return []

@@ -46,3 +46,61 @@ def test_only_remote_shards_are_retried(tmp_path):
         assert retry_count() == before
     finally:
         configure(old)
+
+
+def test_command_stream_delivers_what_the_command_wrote_before_it_failed(tmp_path):
+    """A command that wrote part of a shard and exited non-zero *before the first read* (a download cut while
+    the pipe still held its bytes): every byte it wrote is read, then the failure is raised at the end of the
+    output, named with curl's meaning of the status; read_shard reports the samples it got and where the shard
+    broke off. webdataset's Pipe raised on the first read here, as if the shard could not be read at all."""
+    from tldist.data.retry import CommandStream
+    from tldist.data.stream import read_shard
+
+    m = make_shard_set(tmp_path / "s", split="train", n=20, shards=1)
+    path = tmp_path / "s" / m.shards[0].name
+    half = path.stat().st_size // 2
+    stream = CommandStream(f"head -c {half} {path}; exit 18", name="curl", shell=True)
+    stream._proc.wait()  # the command has ended before anything is read
+    assert stream.read(1000) == path.read_bytes()[:1000]
+    rest = stream.read(half)
+    while len(rest) < half - 1000:
+        more = stream.read(half)
+        assert more, "the end came before every byte the command wrote"
+        rest += more
+    assert rest == path.read_bytes()[1000:half]
+    with pytest.raises(OSError, match=r"^curl exited with status 18: the transfer ended early"):
+        stream.read(10)
+    assert stream.failure.startswith("curl exited with status 18")
+    with pytest.raises(OSError, match="status 18"):
+        stream.close()
+    stream.close()  # a second close does nothing
+
+    local = [r.fields for r in read_shard(str(path), 0, 20)]
+    from tldist.data.retry import RetryPolicy
+    recs = list(read_shard(f"pipe:head -c {half} {path}; exit 3", 2, 18, policy=RetryPolicy(retries=0)))
+    good = [r for r in recs if r.ok]  # the last may be a sample cut mid-way (its members read before the cut)
+    assert len(recs) == 18 and 1 < len(good) < 18 and [r.fields for r in good[:-1]] == local[2:1 + len(good)]
+    cut = tmp_path / "cut.tar"  # the same bytes as a local file: every sample they hold is delivered
+    cut.write_bytes(path.read_bytes()[:half])
+    assert len(good) == sum(r.ok for r in read_shard(str(cut), 2, 18))
+    errors = {r.error for r in recs if not r.ok}
+    assert len(errors) == 1 and errors.pop() in {
+        f"the shard broke off after {n} samples ('{cmd[:80]}' exited with status 3)"
+        for cmd in [f"head -c {half} {path}; exit 3"] for n in (1 + len(good), 2 + len(good))}
+
+
+def test_command_stream_closed_early_is_not_a_failure():
+    """A reader that stops before the end (a resume that needs only part of a shard) closes the command's
+    output: the SIGPIPE or curl's write error that stops the command is not reported as a failure; a
+    command that failed on its own is, from close()."""
+    from tldist.data.retry import CommandStream
+
+    stream = CommandStream("yes", name="'yes'", shell=True)
+    assert stream.read(4) == b"y\ny\n"
+    stream.close()
+    assert stream.failure is None and stream.closed
+    stream = CommandStream(["sh", "-c", "printf abc; exit 7"], name="curl")
+    assert stream.read(3) == b"abc"
+    stream._proc.wait()
+    with pytest.raises(OSError, match="curl exited with status 7: could not connect to the host"):
+        stream.close()
