@@ -15,7 +15,7 @@ from tldist.data.sources import Sample
 from tldist.data.writer import write_shards
 from tldist.errors import ConfigError, DataError
 
-from helpers import noise_jpeg as jpeg, run_shards_cli as run, write_jpeg_set as write_set
+from helpers import noise_jpeg as jpeg, run_shards_cli as run, serve_http, write_jpeg_set as write_set
 
 
 def test_verify_clean_set(tmp_path, capsys):
@@ -43,6 +43,27 @@ def test_verify_reports_corrupt_member_and_wrong_count(tmp_path, capsys):
     assert run(["shards", "verify", str(tmp_path / "bad")]) == 1
     out = capsys.readouterr().out
     assert f"{shard_of_s4}: s4: .jpg does not decode" in out and "train-000002.tar: manifest says 5" in out
+
+
+def test_verify_over_http(tmp_path):
+    """verify reads shards over http:// as training does (curl through open_shard): a shard the server lacks is
+    named with curl's reason, one cut short with the samples it held; the intact one counts in full."""
+    m = write_set(tmp_path / "s")
+    names = [s.name for s in m.shards]
+    (tmp_path / "s" / names[0]).unlink()  # 404
+    cut = tmp_path / "s" / names[1]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with serve_http(tmp_path / "s") as url:
+        report = verify_shards(tmp_path / "s", urls=f"{url}/train-{{000000..000002}}.tar")
+    msgs = {p.shard: [] for p in report.problems}
+    for p in report.problems:
+        msgs[p.shard].append(p.message)
+    assert report.found == {names[0]: 0, names[1]: report.found[names[1]], names[2]: 3}
+    assert 0 < report.found[names[1]] < 3
+    assert msgs[names[0]] == ["unreadable after 0 samples (OSError: curl exited with status 22: the server answered "
+                              "with an HTTP error such as 404 or 403)", "manifest says 3 samples, shard holds 0"]
+    assert len(msgs[names[1]]) == 2 and msgs[names[1]][0].startswith(f"unreadable after {report.found[names[1]]} ")
+    assert names[2] not in msgs
 
 
 def test_verify_missing_and_out_of_range(tmp_path):
