@@ -653,14 +653,100 @@ def config_from_dict(d: dict[str, Any]) -> JobConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(d)))  # type: ignore[return-value]
 
 
+def suggest_key(key: str) -> Optional[str]:
+    """The config key meant by the unknown ``key``, or None when no key is near. In order: misspelled
+    sections are corrected by :func:`difflib.get_close_matches` (its default cutoff, 0.6); then a timm flag
+    name is mapped to its key (``optim.opt`` or ``opt`` -> ``optim.name``, from each field's ``timm`` metadata,
+    :func:`timm_flag_keys`); then the section's closest field (``optim.lrr`` -> ``optim.lr``); then the one key of
+    any section with the same, or else the closest, last name (``lr`` -> ``optim.lr``, ``epoch`` ->
+    ``train.epochs``)."""
+    import difflib
+    import typing
+
+    cls: Any = JobConfig
+    path: list[str] = []
+    *sections, last = key.split(".")
+    for name in sections:
+        hints = typing.get_type_hints(cls)
+        subsections = [n for n, t in hints.items() if dataclasses.is_dataclass(t)]
+        if name not in subsections:
+            close = difflib.get_close_matches(name, subsections, n=1)
+            if not close:
+                return None
+            name = close[0]
+        path.append(name)
+        cls = hints[name]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if last in names:
+        return ".".join([*path, last])
+    flag = timm_flag_keys().get(last.lstrip("-").replace("-", "_"))
+    if flag is not None:
+        return flag
+    close = difflib.get_close_matches(last, names, n=1)
+    if close:
+        return ".".join([*path, close[0]])
+    leaves = _all_keys(JobConfig)
+    for near in [last, *difflib.get_close_matches(last, sorted({k.rsplit(".", 1)[-1] for k in leaves}), n=1)]:
+        elsewhere = [k for k in leaves if k.rsplit(".", 1)[-1] == near]  # 'lr' -> 'optim.lr'
+        if len(elsewhere) == 1:
+            return elsewhere[0]
+    return None
+
+
+def timm_flag_keys() -> dict[str, str]:
+    """``{timm flag name: config key}`` from :func:`timm_flags`: every ``--flag`` named in a field's ``timm``
+    metadata, written the Python way (``--batch-size`` -> ``batch_size``, as argparse stores it); a flag that
+    stands for several keys is left out."""
+    import re
+
+    found: dict[str, set[str]] = {}
+    for key, text in timm_flags():
+        for flag in re.findall(r"--([a-z][a-z0-9-]*)", text):
+            found.setdefault(flag.replace("-", "_"), set()).add(key)
+    return {flag: keys.pop() for flag, keys in found.items() if len(keys) == 1}
+
+
+def _all_keys(cls: Any, prefix: str = "") -> list[str]:
+    """Every leaf key of the config dataclass ``cls`` (``optim.lr``, ``data.batch_size``, ...)."""
+    import typing
+
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        out += _all_keys(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else [f"{prefix}{f.name}"]
+    return out
+
+
 def _omegaconf_message(e: Exception) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
     if "Key '" in msg and "not in" in msg:
+        close = suggest_key(str(key)) if key else None
+        last = str(key).rsplit(".", 1)[-1].replace("-", "_")
+        timm = f" (timm's --{last.replace('_', '-')})" if close and timm_flag_keys().get(last) == close else ""
+        if close and close != key:
+            return f"unknown config key '{key}': did you mean '{close}'{timm}?"
         return f"unknown config key '{key}' (check the spelling; see tldist/config.py for the keys)"
+    section = _section_named_in(msg) if msg.startswith("Merge error") else None
+    if section is not None:  # 'model=resnet50': a value given to a whole section
+        close = timm_flag_keys().get(section)
+        first = next(k for k in _all_keys(JobConfig) if k.startswith(section + "."))
+        example = f"'{close}' (timm's --{section})" if close else f"'{first}'"
+        return f"config key '{section}' is a section, not a value: set one of its keys, e.g. {example}"
     if key:
         return f"config key '{key}': {msg}"
     return msg
+
+
+def _section_named_in(msg: str) -> Optional[str]:
+    """The top-level section whose dataclass OmegaConf's merge error names (``... is not a subclass of
+    ModelConfig``), else None."""
+    import typing
+
+    for name, t in typing.get_type_hints(JobConfig).items():
+        if dataclasses.is_dataclass(t) and msg.rstrip().split(". value:")[0].endswith(f"subclass of {t.__name__}"):
+            return name
+    return None
 
 
 def format_config(cfg: JobConfig) -> str:

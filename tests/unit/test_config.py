@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from tldist.config import JobConfig, config_from_dict, format_config, load_config
@@ -23,13 +25,49 @@ def test_precedence_defaults_file_cli(tmp_path):
 
 def test_unknown_key_in_file_names_key_and_file(tmp_path):
     p = write(tmp_path, "optim:\n  lrr: 0.5\n")
-    with pytest.raises(ConfigError, match=r"job.yaml.*optim.lrr"):
+    with pytest.raises(ConfigError, match=r"job.yaml.*optim.lrr': did you mean 'optim.lr'\?$"):
         load_config(p)
 
 
-def test_unknown_key_on_cli():
-    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
-        load_config(None, ["train.epoch=3"])
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown config key 'train.epoch': did you mean 'train.epochs'?"),
+    ("optm.lr=0.1", "unknown config key 'optm': did you mean 'optim'?"),  # a misspelled section
+    ("data.batchsize=4", "unknown config key 'data.batchsize': did you mean 'data.batch_size'?"),
+    ("batch_size=4", "unknown config key 'batch_size': did you mean 'data.batch_size' (timm's --batch-size)?"),
+    ("epoch=3", "unknown config key 'epoch': did you mean 'train.epochs'?"),  # no section, misspelled
+    ("optim.opt=adamw", "unknown config key 'optim.opt': did you mean 'optim.name' (timm's --opt)?"),
+    ("smoothing=0.1", "unknown config key 'smoothing': did you mean 'train.label_smoothing' (timm's --smoothing)?"),
+    ("optim.zzzzzz=1", "unknown config key 'optim.zzzzzz' (check the spelling; see tldist/config.py for the keys)"),
+])
+def test_unknown_key_on_cli(override, message):
+    with pytest.raises(ConfigError, match=f"^override '{re.escape(override)}': {re.escape(message)}$"):
+        load_config(None, [override])
+
+
+def test_suggested_keys_exist():
+    """Every suggestion is a real key; every timm flag named in the metadata leads to its key."""
+    from tldist.config import _all_keys, suggest_key, timm_flag_keys
+
+    keys = set(_all_keys(JobConfig))
+    assert {"optim.lr", "data.batch_size", "checkpoint.resume"} <= keys
+    for typo in ("optim.lrr", "data.image_sz", "train.epoch", "lr", "checkpoint.resum", "optm.lr", "workers"):
+        assert suggest_key(typo) in keys
+    flags = timm_flag_keys()
+    assert flags["opt"] == "optim.name" and flags["img_size"] == "data.image_size" and set(flags.values()) <= keys
+    sections = {k.split('.')[0] for k in keys if '.' in k}  # 'model' is a section and timm's --model
+    assert all(suggest_key(flag) == key for flag, key in flags.items() if flag not in keys | sections)
+    assert suggest_key("zzz.qqq") is None and suggest_key("optim.zzzzzz") is None
+
+
+@pytest.mark.parametrize("override, example", [("model=resnet50", "'model.name' (timm's --model)"),
+                                               ("optim=sgd", "'optim.name'")])
+def test_value_given_to_a_section(tmp_path, override, example):
+    message = f"config key '{override.split('=')[0]}' is a section, not a value: set one of its keys, e.g. {example}"
+    with pytest.raises(ConfigError, match=f"^override '{override}': {re.escape(message)}$"):
+        load_config(None, [override])
+    p = write(tmp_path, override.replace("=", ": ") + "\n")
+    with pytest.raises(ConfigError, match=f"job.yaml'?: {re.escape(message)}$"):
+        load_config(p)
 
 
 def test_wrong_type_names_key():

@@ -27,20 +27,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"tldist: error: {message} (see '{self.prog} --help')\n")
 
 
-def report_to_launcher(message: str) -> bool:
+def report_to_launcher(message: str, *, consequence: bool = False) -> bool:
     """Write ``message`` to this rank's ``TORCHELASTIC_ERROR_FILE`` (set by torch-elastic for each rank).
 
     The launcher's ``ChildFailedError`` summary then reads ``traceback : <message>`` for this rank
-    (also under "Root Cause") instead of "To enable traceback see: ...". The launcher's own traceback
-    and its exit status 1 cannot be changed from inside a rank. Returns False when not under
-    torch-elastic or when the file cannot be written.
+    instead of "To enable traceback see: ...". Its "Root Cause" is the failure with the smallest
+    timestamp (whole seconds; a rank without a file gets the time the launcher noticed it), so every rank
+    that stops on an error writes one. ``consequence=True`` (a rank stopped because another failed) dates it
+    one second later, so that it never ties with, and never displaces, the failure it followed. The
+    launcher's own traceback and its exit status 1 cannot be changed from inside a rank. Returns False
+    when not under torch-elastic or when the file cannot be written.
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return False
     try:
         with open(path, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+            json.dump({"message": message, "timestamp": int(time.time()) + int(consequence)}, f)
     except OSError:
         return False
     return True
@@ -76,7 +79,12 @@ def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        if not prefix or not getattr(e, "same_on_every_rank", False):
+        if getattr(e, "same_on_every_rank", False):
+            if not prefix:  # printed once, by rank 0
+                print(f"tldist: error: {e}", file=sys.stderr, flush=True)
+            # every rank names it to the launcher: the rank that exits first is the summary's "Root Cause"
+            report_to_launcher(f"tldist: error: {e}")
+        else:
             print(f"tldist: error: {prefix}{e}", file=sys.stderr, flush=True)
             report_to_launcher(f"tldist: error: {prefix}{e}")  # names the cause in accelerate's failure summary
         return 2
@@ -86,6 +94,8 @@ def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
         if not is_peer_failure(e):
             raise
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        print(f"tldist: error: [rank {rank or 0}] stopped because another process of this job failed or was lost "
-              f"({type(e).__name__}: {first}); that process's own error is printed above", file=sys.stderr, flush=True)
+        message = (f"tldist: error: [rank {rank or 0}] stopped because another process of this job failed or was "
+                   f"lost ({type(e).__name__}: {first}); that process's own error is printed above")
+        print(message, file=sys.stderr, flush=True)
+        report_to_launcher(message, consequence=True)
         return 1
