@@ -465,20 +465,26 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 """``train.compile_mode`` values (``torch.compile(mode=...)``)."""
 
 
+def _sections(cls: Any) -> dict[str, Any]:
+    """The fields of config dataclass ``cls`` that are sections themselves: ``{name: dataclass}``."""
+    import typing
+
+    return {n: t for n, t in typing.get_type_hints(cls).items() if dataclasses.is_dataclass(t)}
+
+
+def _leaf_fields(cls: Any = JobConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """``(dotted key, field)`` of every key of config dataclass ``cls`` that is not a section, in field order
+    (``optim.lr``, ``data.batch_size``, ...)."""
+    sections, out = _sections(cls), []
+    for f in dataclasses.fields(cls):
+        out += _leaf_fields(sections[f.name], f"{prefix}{f.name}.") if f.name in sections else [(prefix + f.name, f)]
+    return out
+
+
 def timm_flags() -> list[tuple[str, str]]:
     """``(config key, timm train.py flag)`` for every key whose field declares ``metadata={"timm": ...}``, in
     the order of :class:`JobConfig` (the one source of the table in ``tldist train --help``)."""
-    rows: list[tuple[str, str]] = []
-
-    def walk(cls: Any, prefix: str) -> None:
-        for f in dataclasses.fields(cls):
-            if "timm" in f.metadata:
-                rows.append((prefix + f.name, f.metadata["timm"]))
-            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-                walk(f.default_factory, f"{prefix}{f.name}.")
-
-    walk(JobConfig, "")
-    return rows
+    return [(key, f.metadata["timm"]) for key, f in _leaf_fields() if "timm" in f.metadata]
 
 
 def bad_value(key: str, value: Any, hint: str) -> None:
@@ -661,21 +667,19 @@ def suggest_key(key: str) -> Optional[str]:
     any section with the same, or else the closest, last name (``lr`` -> ``optim.lr``, ``epoch`` ->
     ``train.epochs``)."""
     import difflib
-    import typing
 
     cls: Any = JobConfig
     path: list[str] = []
     *sections, last = key.split(".")
     for name in sections:
-        hints = typing.get_type_hints(cls)
-        subsections = [n for n, t in hints.items() if dataclasses.is_dataclass(t)]
+        subsections = _sections(cls)
         if name not in subsections:
-            close = difflib.get_close_matches(name, subsections, n=1)
+            close = difflib.get_close_matches(name, list(subsections), n=1)
             if not close:
                 return None
             name = close[0]
         path.append(name)
-        cls = hints[name]
+        cls = subsections[name]
     names = [f.name for f in dataclasses.fields(cls)]
     if last in names:
         return ".".join([*path, last])
@@ -685,7 +689,7 @@ def suggest_key(key: str) -> Optional[str]:
     close = difflib.get_close_matches(last, names, n=1)
     if close:
         return ".".join([*path, close[0]])
-    leaves = _all_keys(JobConfig)
+    leaves = [k for k, _ in _leaf_fields()]
     for near in [last, *difflib.get_close_matches(last, sorted({k.rsplit(".", 1)[-1] for k in leaves}), n=1)]:
         elsewhere = [k for k in leaves if k.rsplit(".", 1)[-1] == near]  # 'lr' -> 'optim.lr'
         if len(elsewhere) == 1:
@@ -706,17 +710,6 @@ def timm_flag_keys() -> dict[str, str]:
     return {flag: keys.pop() for flag, keys in found.items() if len(keys) == 1}
 
 
-def _all_keys(cls: Any, prefix: str = "") -> list[str]:
-    """Every leaf key of the config dataclass ``cls`` (``optim.lr``, ``data.batch_size``, ...)."""
-    import typing
-
-    hints, out = typing.get_type_hints(cls), []
-    for f in dataclasses.fields(cls):
-        t = hints[f.name]
-        out += _all_keys(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else [f"{prefix}{f.name}"]
-    return out
-
-
 def _omegaconf_message(e: Exception) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
@@ -730,7 +723,7 @@ def _omegaconf_message(e: Exception) -> str:
     section = _section_named_in(msg) if msg.startswith("Merge error") else None
     if section is not None:  # 'model=resnet50': a value given to a whole section
         close = timm_flag_keys().get(section)
-        first = next(k for k in _all_keys(JobConfig) if k.startswith(section + "."))
+        first = next(k for k, _ in _leaf_fields(_sections(JobConfig)[section], section + "."))
         example = f"'{close}' (timm's --{section})" if close else f"'{first}'"
         return f"config key '{section}' is a section, not a value: set one of its keys, e.g. {example}"
     if key:
@@ -741,10 +734,8 @@ def _omegaconf_message(e: Exception) -> str:
 def _section_named_in(msg: str) -> Optional[str]:
     """The top-level section whose dataclass OmegaConf's merge error names (``... is not a subclass of
     ModelConfig``), else None."""
-    import typing
-
-    for name, t in typing.get_type_hints(JobConfig).items():
-        if dataclasses.is_dataclass(t) and msg.rstrip().split(". value:")[0].endswith(f"subclass of {t.__name__}"):
+    for name, t in _sections(JobConfig).items():
+        if msg.rstrip().split(". value:")[0].endswith(f"subclass of {t.__name__}"):
             return name
     return None
 

@@ -46,9 +46,9 @@ def test_unknown_key_on_cli(override, message):
 
 def test_suggested_keys_exist():
     """Every suggestion is a real key; every timm flag named in the metadata leads to its key."""
-    from tldist.config import _all_keys, suggest_key, timm_flag_keys
+    from tldist.config import _leaf_fields, suggest_key, timm_flag_keys
 
-    keys = set(_all_keys(JobConfig))
+    keys = {k for k, _ in _leaf_fields(JobConfig)}
     assert {"optim.lr", "data.batch_size", "checkpoint.resume"} <= keys
     for typo in ("optim.lrr", "data.image_sz", "train.epoch", "lr", "checkpoint.resum", "optm.lr", "workers"):
         assert suggest_key(typo) in keys

@@ -79,14 +79,12 @@ def dispatch(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = No
     try:
         return int(args.func(args) or 0)
     except UserError as e:
-        if getattr(e, "same_on_every_rank", False):
-            if not prefix:  # printed once, by rank 0
-                print(f"tldist: error: {e}", file=sys.stderr, flush=True)
-            # every rank names it to the launcher: the rank that exits first is the summary's "Root Cause"
-            report_to_launcher(f"tldist: error: {e}")
-        else:
-            print(f"tldist: error: {prefix}{e}", file=sys.stderr, flush=True)
-            report_to_launcher(f"tldist: error: {prefix}{e}")  # names the cause in accelerate's failure summary
+        every_rank = getattr(e, "same_on_every_rank", False)
+        message = f"tldist: error: {'' if every_rank else prefix}{e}"
+        if not (every_rank and prefix):  # an error of every rank is printed once, by rank 0
+            print(message, file=sys.stderr, flush=True)
+        # every rank names it in accelerate's failure summary: its "Root Cause" is whichever rank exits first
+        report_to_launcher(message)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -117,6 +117,22 @@ def _is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+def manifest_path(location: str | Path, key: str = "data.*") -> Optional[Path]:
+    """The manifest file of a local shard set ``location`` (a shard directory, or the ``.json`` file itself;
+    ``~`` expanded); None for an http(s) URL, whose manifest is fetched when loaded. Raises
+    :class:`DataError` when no manifest is there, telling to point config key ``key`` at one."""
+    location = str(location)
+    if _is_url(location):
+        return None
+    path = Path(location).expanduser()
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"no manifest at '{path}': point {key} at a shard directory written by "
+                        f"'tldist shards' (it holds {MANIFEST_NAME}) or at the manifest file itself")
+    return path
+
+
 def load_manifest(location: str | Path) -> Manifest:
     """Load a manifest from a shard directory, a ``.json`` path, or an http(s) URL of either.
 
@@ -132,14 +148,7 @@ def load_manifest(location: str | Path) -> Manifest:
             raise DataError(f"cannot fetch manifest '{url}': {e}") from None
         base = url.rsplit("/", 1)[0]
     else:
-        path = Path(location)
-        if path.is_dir():
-            path = path / MANIFEST_NAME
-        if not path.is_file():
-            raise DataError(
-                f"no manifest at '{path}': point data.* at a shard directory written by "
-                f"'tldist shards' (it holds {MANIFEST_NAME}) or at the manifest file itself"
-            )
+        path = manifest_path(location)
         try:
             raw = path.read_bytes()
         except OSError as e:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from tldist.config import DataConfig, bad_value, require_at_least, require_choice, require_positive, val_set_entries
 from tldist.data.augment import build_worker_augment, check_augment
-from tldist.data.manifest import MANIFEST_NAME, Manifest, load_manifest, missing_shards, resolve_shard_urls
+from tldist.data.manifest import Manifest, load_manifest, manifest_path, missing_shards, resolve_shard_urls
 from tldist.data.retry import RetryPolicy
 from tldist.data.stream import DEFAULT_PARTITIONS, GlobalLayout, SourceSpec
 from tldist.data.transforms import EVAL_CROP_PCT, IMAGENET_MEAN, build_eval_transform, build_train_transform
@@ -414,14 +414,11 @@ def check_data_locations(cfg: DataConfig, *, train: bool = True) -> None:
     keyed += [("data.val", cfg.val)] if cfg.val else []
     keyed += [(v.key, v.path) for v in val_set_entries(cfg.val_sets)]
     for key, location in keyed:
-        location = str(location)
-        if location.startswith(("http://", "https://")):
-            continue
-        path = os.path.expanduser(location)
-        manifest = os.path.join(path, MANIFEST_NAME) if os.path.isdir(path) else path
-        if not os.path.isfile(manifest):
-            raise DataError(f"{key} '{location}': no manifest at '{manifest}': point {key} at a shard directory "
-                            f"written by 'tldist shards' (it holds {MANIFEST_NAME}) or at the manifest file itself")
+        try:
+            manifest_path(location, key)
+        except DataError as e:
+            raise DataError(f"{key} '{location}': {e}") from None
+
 
 def check_data_config(cfg: DataConfig, *, train: bool = True) -> None:
     """Check the ``data.*`` values on their own (the one home of these rules); raises

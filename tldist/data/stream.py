@@ -264,15 +264,16 @@ def read_shard(url: str, skip: int, take: int, *, policy: Optional[RetryPolicy] 
                 except Exception:  # a pipe closed early exits non-zero; nothing to report
                     pass
             stream = None
-        if offset and not (seen or done):  # opening at the seek offset failed (a server ignoring HTTP Range)
+        delivered = bool(seen or done)  # members came through before the failure
+        if offset and not delivered:  # opening at the seek offset failed (a server ignoring HTTP Range)
             offset, index, last_key = 0, -1, None  # read the shard from its start instead
             continue
-        if is_remote(url) and (seen or done) and attempt < policy.retries:  # it had delivered data
+        if is_remote(url) and delivered and attempt < policy.retries:
             attempt += 1
             time.sleep(note_retry(url, attempt, policy, skip + produced, detail))
             continue
-        error = (f"cannot be read ({detail})" if not (produced or fields or seen or done) else
-                 f"broke off after {skip + produced} samples ({detail})")
+        error = (f"broke off after {skip + produced} samples ({detail})" if delivered else
+                 f"cannot be read ({detail})")
         if fields:  # members read before the error form a (possibly incomplete) sample
             yield Record(key, url, fields)
             produced += 1

@@ -1,9 +1,9 @@
 """The one small interface through which optional training behaviour plugs into the loop.
 
 A :class:`TrainFeature` is built from the config at build time (Mixup/CutMix, the EMA of the
-weights, knowledge distillation, the sample trace, the profiler) and handed to the :class:`~tldist.train.loop.Trainer` in a list;
-the loop calls every feature's hooks at fixed points of each step and has no branch of its own for
-any of them (Composer's ``Callback``, light). A feature with a ``name`` is also a checkpoint state:
+weights, knowledge distillation, the sample trace, the profiler) and handed to the
+:class:`~tldist.train.loop.Trainer` in a list; the loop calls every feature's hooks at fixed points of
+each step and has no branch of its own for any of them (Composer's ``Callback``, light). A feature with a ``name`` is also a checkpoint state:
 the :class:`~tldist.artifacts.checkpoint.CheckpointManager` saves and restores it under that name.
 
 Hooks, in loop order (every rank calls them at the same points):

@@ -441,7 +441,6 @@ class Trainer:
         return path
 
 
-
 def _redirect_logging(enabled: bool):
     """Route log records through ``tqdm.write`` while a progress bar is on screen."""
     if not enabled:

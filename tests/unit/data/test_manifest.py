@@ -21,6 +21,29 @@ def test_corrupt_manifest_is_one_line(tmp_path, raw):
     assert f"manifest '{tmp_path}' is malformed" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_the_check_before_a_run_and_the_load_find_the_same_manifest(tmp_path, monkeypatch):
+    """check_data_locations (before any output is written) and load_manifest resolve a location alike, through
+    manifest_path: a shard directory, its manifest file, '~' expanded; a missing one is refused by both."""
+    from helpers import make_shard_set
+    from tldist.config import DataConfig
+    from tldist.data.manifest import load_manifest, manifest_path
+    from tldist.data.pipeline import check_data_locations
+    from tldist.errors import DataError
+
+    make_shard_set(tmp_path / "home" / "s", split="train", n=4, shards=1)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for location in ("~/s", "~/s/manifest.json", str(tmp_path / "home" / "s")):
+        assert manifest_path(location) == tmp_path / "home" / "s" / "manifest.json"
+        check_data_locations(DataConfig(train=[location]))
+        assert load_manifest(location).num_samples == 4
+    assert manifest_path("http://host/s") is None
+    with pytest.raises(DataError, match=f"^no manifest at '{tmp_path}/home/t': point data.\\* at"):
+        load_manifest("~/t")
+    with pytest.raises(DataError, match=f"^data.val '~/t': no manifest at '{tmp_path}/home/t': "
+                                        "point data.val at"):
+        check_data_locations(DataConfig(train=["~/s"], val="~/t"))
+
+
 # ---- eval set names ----------------------------------------------------------------------------
 
 def test_eval_set_names_are_distinct_tails():
